@@ -1,0 +1,1 @@
+"""ssmlab.datasets: loaders and generators for real and synthetic data."""
