@@ -1,0 +1,44 @@
+"""Helpers shared by the test suites of every stage.
+
+Tolerances are relative errors ||x - ref|| / ||ref|| against a float64
+reference, chosen per input dtype: float32 arithmetic lands far under 1e-4,
+bfloat16 inputs carry about 3 significant digits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssmlab.core import native
+
+# Relative-error bounds by input dtype (forward and gradients).
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+requires_cuda = pytest.mark.skipif(
+    not native.backends()["cuda"], reason="needs a CUDA GPU and a native module built with nvcc"
+)
+requires_native = pytest.mark.skipif(
+    not native.backends()["cpu"], reason="native module not built (pip install -e .)"
+)
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64; NaN anywhere in x gives inf, never a pass."""
+    x64, r64 = x.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
+    if not torch.isfinite(x64).all():
+        return float("inf")
+    denom = r64.norm().item()
+    return (x64 - r64).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close_rel(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "", factor: float = 1.0) -> None:
+    """Assert the relative error of x against ref is within REL_TOL[dtype] * factor."""
+    assert x.shape == ref.shape, f"{what}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
+    err, tol = rel_error(x, ref), REL_TOL[dtype] * factor
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def devices() -> list[str]:
+    """'cpu', plus 'cuda' where the CUDA backend can run."""
+    return ["cpu"] + (["cuda"] if native.backends()["cuda"] else [])
