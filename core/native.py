@@ -12,7 +12,6 @@ Backends:
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import logging
@@ -48,7 +47,6 @@ def _load_from_dir(folder: str) -> ModuleType:
     return module
 
 
-@functools.cache
 def _load() -> tuple[ModuleType | None, str | None]:
     """Returns (module, None) or (None, why it could not be loaded)."""
     try:
@@ -60,25 +58,35 @@ def _load() -> tuple[ModuleType | None, str | None]:
     return module, None
 
 
+# Loaded once at import: the dispatchers read these plain globals, which keeps
+# them traceable by torch.compile without graph breaks.
+_MODULE, _WHY = _load()
+
+
 def native_module() -> ModuleType:
     """The compiled module, or a BackendUnavailableError that names the fix."""
-    module, why = _load()
+    module, why = _MODULE, _WHY
     if module is None:
         raise BackendUnavailableError(f"the native module ssmlab.core._native could not be loaded ({why}); {BUILD_HINT}")
     return module
 
 
-@functools.cache
-def backends() -> dict[str, bool]:
-    """Which backends can run in this process: {'ref': True, 'cpu': ..., 'cuda': ...}."""
-    module, _ = _load()
+def _probe() -> dict[str, bool]:
     cuda = bool(
-        module is not None
-        and module.built_with_cuda
-        and module.cuda_device_count() > 0
+        _MODULE is not None
+        and _MODULE.built_with_cuda
+        and _MODULE.cuda_device_count() > 0
         and torch.cuda.is_available()
     )
-    return {"ref": True, "cpu": module is not None, "cuda": cuda}
+    return {"ref": True, "cpu": _MODULE is not None, "cuda": cuda}
+
+
+_BACKENDS = _probe()
+
+
+def backends() -> dict[str, bool]:
+    """Which backends can run in this process: {'ref': True, 'cpu': ..., 'cuda': ...}."""
+    return dict(_BACKENDS)
 
 
 def available_backends() -> list[str]:
@@ -88,7 +96,7 @@ def available_backends() -> list[str]:
 
 def describe() -> str:
     """One line for logs and `python -c` checks."""
-    module, why = _load()
+    module, why = _MODULE, _WHY
     if module is None:
         return f"ssmlab backends: ref (native module missing: {why})"
     extra = []
@@ -102,7 +110,7 @@ def describe() -> str:
 
 def backend_for(device: torch.device, requested: str = "auto") -> str:
     """Resolve 'auto' to the fastest backend for a device, or check an explicit request."""
-    have = backends()
+    have = _BACKENDS
     if requested == "auto":
         if device.type == "cuda":
             return "cuda" if have["cuda"] else "ref"
