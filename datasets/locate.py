@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -123,11 +122,3 @@ def resolve(source: DataSource, path: Optional[PathLike] = None, *, allow_downlo
         raise DataError(f"{source.name}: not found and downloads are disabled; {_where_to_put(source)}")
     return download(source, cached)
 
-
-def copy_into_cache(source: DataSource, file: PathLike) -> Path:
-    """Install a local copy of the official file into the cache, verifying it first."""
-    dest = cache_dir() / source.filename
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    source.verify(Path(file))
-    shutil.copyfile(file, dest)
-    return dest
