@@ -1,0 +1,463 @@
+"""The shared training recipe (Mamba paper, Appendix E; used by stages 05 and 06).
+
+The recipe:
+
+* AdamW with betas (0.9, 0.95) and weight decay 0.1, **not** applied to biases,
+  normalisation weights, embeddings, ``A_log`` and ``D`` (see `param_groups`);
+* learning rate: linear warmup, then cosine decay to ``min_lr_ratio * lr``
+  (see `lr_factor`);
+* gradient clipping at global norm 1.0;
+* bfloat16 autocast on GPU (``precision="auto"``), float32 on CPU;
+* gradient accumulation over ``grad_accum`` micro-batches;
+* an evaluation hook, a tqdm progress bar, JSON log lines;
+* atomic checkpoints with **exact resume**: model, optimizer, scheduler, step,
+  the RNG states of torch (CPU and CUDA), numpy and `random`, and the position
+  of the data stream. A run killed and resumed reproduces the losses of an
+  uninterrupted run (tested on CPU in stage 06).
+
+API in one screen::
+
+    from ssmlab.core.training import TrainConfig, train, EpochBatches
+
+    cfg = TrainConfig(lr=1e-3, max_steps=2000, warmup_steps=100, out_dir="runs/x")
+    batches = EpochBatches.from_tensors(x, y, batch_size=32, seed=0)   # resumable stream
+
+    def loss_fn(model, batch):          # batch is already on cfg.device
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.flatten(0, -2), y.flatten())   # or (loss, {"acc": ...})
+
+    def eval_fn(model):                 # called under no_grad, model.eval(), autocast
+        return {"val_loss": ..., "val_acc": ...}
+
+    result = train(model, loss_fn, batches, cfg, eval_fn=eval_fn)
+    result.history        # list of the JSON records written to out_dir/log.jsonl
+
+Re-running the same command with ``resume=True`` (the default) continues from
+``out_dir/checkpoint.pt`` when it exists.
+
+Data streams: anything with ``__next__`` works; for exact resume it must also
+have ``state_dict()`` / ``load_state_dict()``. Two are provided:
+`EpochBatches` (shuffled epochs over an indexable data set; state = epoch and
+cursor) and `GeneratedBatches` (a function of a seeded `torch.Generator`, for
+synthetic tasks; state = the generator's state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ssmlab.core.checkpoint import atomic_torch_save
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+
+# Parameter names (last component) that never get weight decay, besides every
+# tensor of fewer than 2 dimensions (biases, norm weights) and embeddings.
+NO_DECAY_NAMES = ("A_log", "D")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of the recipe. Defaults follow the Mamba paper (Appendix E.2)."""
+
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr
+    warmup_steps: int = 100  # linear warmup length, in optimizer steps
+    max_steps: int = 1000  # total optimizer steps (the cosine reaches its floor here)
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (decay group only)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # max global gradient norm; <= 0 disables clipping
+    grad_accum: int = 1  # micro-batches per optimizer step
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16", "fp32"
+    seed: int = 0  # seeds torch, numpy and random at the start of a fresh run
+    log_every: int = 10  # write a JSON train record every this many steps (and at the last)
+    eval_every: int = 0  # call eval_fn every this many steps (0: only at the end)
+    ckpt_every: int = 0  # checkpoint every this many steps (0: only at the end); needs out_dir
+    out_dir: Optional[str] = None  # where log.jsonl and checkpoint.pt go (None: nothing written)
+    resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        for name in ("log_every", "eval_every", "ckpt_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.betas = tuple(self.betas)
+
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The autocast dtype this config asks for on its device (None: no autocast)."""
+        if self.precision == "bf16" or (self.precision == "auto" and torch.device(self.device).type == "cuda"):
+            return torch.bfloat16
+        return None
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def no_decay(name: str, param: Tensor, embedding_params: set[int]) -> bool:
+    """True for biases, norm weights (any tensor of < 2 dims), embeddings, A_log and D."""
+    last = name.rsplit(".", 1)[-1]
+    return (
+        param.ndim < 2
+        or id(param) in embedding_params
+        or last in NO_DECAY_NAMES
+        or getattr(param, "_no_weight_decay", False)
+    )
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: ``decay`` (matrices, conv kernels) and ``no_decay`` (the rest).
+
+    Each group also carries ``names`` (the parameter names, for inspection and
+    tests). A parameter shared by two modules (a tied LM head) is listed once.
+    """
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, skip = {"params": [], "names": [], "weight_decay": weight_decay}, {"params": [], "names": [], "weight_decay": 0.0}
+    for name, p in model.named_parameters():  # de-duplicates shared parameters
+        if not p.requires_grad:
+            continue
+        group = skip if no_decay(name, p, embedding_params) else decay
+        group["params"].append(p)
+        group["names"].append(name)
+    return [g for g in (decay, skip) if g["params"]]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    groups = param_groups(model, cfg.weight_decay)
+    for g in groups:  # AdamW would keep the extra key in its state dict; keep names out of it
+        g.pop("names")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr for the update made at optimizer step `step` (0-based).
+
+    Warmup: (step + 1) / warmup_steps for step < warmup_steps, so the first
+    update already moves and step warmup_steps - 1 reaches the peak.
+    Cosine: from 1 at step = warmup_steps down to min_lr_ratio at step =
+    max_steps - 1 (the last update), then flat at min_lr_ratio.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(max_steps - 1 - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class WarmupCosine:
+    """Picklable lr lambda for `torch.optim.lr_scheduler.LambdaLR` (its fields go in the state dict)."""
+
+    warmup_steps: int
+    max_steps: int
+    min_lr_ratio: float
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.warmup_steps, self.max_steps, self.min_lr_ratio)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+
+
+# --------------------------------------------------------------------------- data streams
+
+
+class EpochBatches:
+    """Shuffled mini-batches over ``n`` examples, epoch after epoch, resumable.
+
+    ``fetch(indices)`` turns a LongTensor of example indices into a batch
+    (e.g. a tuple of tensors). Epoch ``e`` uses the permutation drawn from
+    ``seed + e``, so the position (epoch, cursor) determines everything.
+    The last incomplete batch of an epoch is dropped (``drop_last``) or kept.
+    """
+
+    def __init__(self, n: int, batch_size: int, fetch: Callable[[Tensor], Any], seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True):
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if batch_size < 1 or (drop_last and batch_size > n):
+            raise ValueError(f"batch_size must be in [1, n={n}] with drop_last, got {batch_size}")
+        self.n, self.batch_size, self.fetch, self.seed = n, batch_size, fetch, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch, self.cursor = 0, 0
+        self._perm = self._permutation(0)
+
+    @classmethod
+    def from_tensors(cls, *tensors: Tensor, batch_size: int, seed: int = 0, **kw) -> "EpochBatches":
+        n = len(tensors[0])
+        if any(len(t) != n for t in tensors):
+            raise ValueError(f"tensors must have the same first dimension, got {[len(t) for t in tensors]}")
+        return cls(n, batch_size, lambda idx: tuple(t[idx] for t in tensors), seed=seed, **kw)
+
+    def _permutation(self, epoch: int) -> Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        end = self.cursor + self.batch_size
+        if end > self.n and (self.drop_last or self.cursor >= self.n):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._perm = self._permutation(self.epoch)
+            end = self.batch_size
+        idx = self._perm[self.cursor:min(end, self.n)]
+        self.cursor = min(end, self.n)
+        return self.fetch(idx)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor, self.seed = state["epoch"], state["cursor"], state["seed"]
+        self._perm = self._permutation(self.epoch)
+
+
+class GeneratedBatches:
+    """Batches drawn on the fly by ``make(generator)`` from one seeded `torch.Generator` (CPU).
+
+    For synthetic tasks: the stream's state is the generator's state.
+    """
+
+    def __init__(self, make: Callable[[torch.Generator], Any], seed: int = 0):
+        self.make = make
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        return self.make(self.generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def to_device(batch: Any, device: Union[str, torch.device]) -> Any:
+    """Move every tensor in a (nested) tuple / list / dict to `device`."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+# --------------------------------------------------------------------------- RNG + checkpoints
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Union[str, os.PathLike], model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, step: int, data: Any = None, cfg: Optional[TrainConfig] = None,
+                    extra: Optional[dict] = None) -> Path:
+    """Atomically write everything exact resume needs (see module docstring)."""
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_state(),
+        "data": data.state_dict() if hasattr(data, "state_dict") else None,
+        "train_config": dataclasses.asdict(cfg) if cfg is not None else None,
+        "extra": extra or {},
+    }
+    return atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: Union[str, os.PathLike], model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    scheduler: Any = None, data: Any = None, restore_rng: bool = True,
+                    map_location: Union[str, torch.device] = "cpu") -> dict:
+    """Restore the objects given from a `save_checkpoint` file; returns the raw state (``state['step']``)."""
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if data is not None and state["data"] is not None:
+        if not hasattr(data, "load_state_dict"):
+            raise TypeError("the checkpoint holds a data position but the data stream has no load_state_dict()")
+        data.load_state_dict(state["data"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return state
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps done in total
+    history: list[dict] = field(default_factory=list)  # the JSON records of this call
+    resumed_from: Optional[int] = None  # step of the checkpoint resumed from, if any
+
+
+LossFn = Callable[[nn.Module, Any], Union[Tensor, tuple[Tensor, dict]]]
+
+
+def _split(out) -> tuple[Tensor, dict]:
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def _scalar(v: Any) -> Any:
+    return v.item() if isinstance(v, Tensor) else v
+
+
+def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
+          eval_fn: Optional[Callable[[nn.Module], dict]] = None,
+          on_step: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
+    """Run the recipe until ``cfg.max_steps`` optimizer steps are done.
+
+    loss_fn(model, batch) -> loss or (loss, metrics dict), batch already on the device.
+    eval_fn(model) -> dict of metrics (run under no_grad, eval mode, autocast).
+    on_step(step, record) is called after each optimizer step (step counts from 1).
+    """
+    device = torch.device(cfg.device)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    ckpt_path = out_dir / CHECKPOINT_NAME if out_dir else None
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    step, resumed_from = 0, None
+    if ckpt_path is not None and cfg.resume and ckpt_path.exists():
+        step = resumed_from = load_checkpoint(ckpt_path, model, optimizer, scheduler, data, map_location=device)["step"]
+    else:
+        seed_everything(cfg.seed)
+    amp = cfg.autocast_dtype()
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+    log_file = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_file = open(out_dir / LOG_NAME, "a", encoding="utf-8")
+    history: list[dict] = []
+
+    def emit(record: dict) -> None:
+        history.append(record)
+        if log_file is not None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    def evaluate() -> dict:
+        model.eval()
+        with torch.no_grad(), autocast():
+            metrics = {k: _scalar(v) for k, v in eval_fn(model).items()}
+        model.train()
+        return metrics
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    model.train()
+    t0, last_eval = time.perf_counter(), None
+    try:
+        while step < cfg.max_steps:
+            lr = optimizer.param_groups[0]["lr"]
+            loss_sum, metrics_sum = 0.0, {}
+            for _ in range(cfg.grad_accum):
+                batch = to_device(next(data), device)
+                with autocast():
+                    loss, metrics = _split(loss_fn(model, batch))
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+                for k, v in metrics.items():
+                    metrics_sum[k] = metrics_sum.get(k, 0.0) + _scalar(v) / cfg.grad_accum
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, **metrics_sum}
+            if step % max(cfg.log_every, 1) == 0 or step == cfg.max_steps:
+                emit({"kind": "train", **record, "time_s": round(time.perf_counter() - t0, 3)})
+            if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+                last_eval = evaluate()
+                emit({"kind": "eval", "step": step, **last_eval})
+            if ckpt_path is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps):
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, step, data, cfg)
+            if bar is not None:
+                bar.update(1)
+                post = {"loss": f"{loss_sum:.4f}", "lr": f"{lr:.2e}"}
+                if last_eval:
+                    post.update({k: f"{v:.4g}" for k, v in last_eval.items() if isinstance(v, (int, float))})
+                bar.set_postfix(post)
+            if on_step is not None:
+                on_step(step, record)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+    return TrainResult(step=step, history=history, resumed_from=resumed_from)
+
+
+__all__ = [
+    "CHECKPOINT_NAME", "LOG_NAME", "EpochBatches", "GeneratedBatches", "TrainConfig", "TrainResult",
+    "WarmupCosine", "load_checkpoint", "lr_factor", "make_optimizer", "make_scheduler", "no_decay",
+    "param_groups", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "to_device", "train",
+]
