@@ -34,7 +34,9 @@ API in one screen::
     result.history        # list of the JSON records written to out_dir/log.jsonl
 
 Re-running the same command with ``resume=True`` (the default) continues from
-``out_dir/checkpoint.pt`` when it exists.
+``out_dir/checkpoint.pt`` when it exists; with ``time_limit_s`` a long run
+stops cleanly (checkpoint written, ``result.finished == False``) so it can be
+run in chunks of bounded wall time.
 
 Data streams: anything with ``__next__`` works; for exact resume it must also
 have ``state_dict()`` / ``load_state_dict()``. Two are provided:
@@ -94,6 +96,8 @@ class TrainConfig:
     ckpt_every: int = 0  # checkpoint every this many steps (0: only at the end); needs out_dir
     out_dir: Optional[str] = None  # where log.jsonl and checkpoint.pt go (None: nothing written)
     resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
+    time_limit_s: float = 0.0  # stop (after a checkpoint) once this much wall time has passed; 0: no limit.
+    # Lets a long run be split into chunks: rerun the same command and it resumes.
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
@@ -111,7 +115,7 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        for name in ("log_every", "eval_every", "ckpt_every"):
+        for name in ("log_every", "eval_every", "ckpt_every", "time_limit_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.betas = tuple(self.betas)
@@ -351,6 +355,7 @@ def load_checkpoint(path: Union[str, os.PathLike], model: nn.Module, optimizer: 
 @dataclass
 class TrainResult:
     step: int  # optimizer steps done in total
+    finished: bool = True  # False when time_limit_s stopped the run before max_steps
     history: list[dict] = field(default_factory=list)  # the JSON records of this call
     resumed_from: Optional[int] = None  # step of the checkpoint resumed from, if any
 
@@ -438,7 +443,9 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
             if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
                 last_eval = evaluate()
                 emit({"kind": "eval", "step": step, **last_eval})
-            if ckpt_path is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps):
+            out_of_time = cfg.time_limit_s > 0 and time.perf_counter() - t0 >= cfg.time_limit_s
+            periodic = cfg.ckpt_every and step % cfg.ckpt_every == 0
+            if ckpt_path is not None and (periodic or step == cfg.max_steps or out_of_time):
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, step, data, cfg)
             if bar is not None:
                 bar.update(1)
@@ -448,12 +455,15 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
                 bar.set_postfix(post)
             if on_step is not None:
                 on_step(step, record)
+            if out_of_time and step < cfg.max_steps:
+                emit({"kind": "stopped", "step": step, "reason": "time_limit_s", "time_s": round(time.perf_counter() - t0, 3)})
+                break
     finally:
         if bar is not None:
             bar.close()
         if log_file is not None:
             log_file.close()
-    return TrainResult(step=step, history=history, resumed_from=resumed_from)
+    return TrainResult(step=step, finished=step >= cfg.max_steps, history=history, resumed_from=resumed_from)
 
 
 __all__ = [
