@@ -1,10 +1,17 @@
 """The linear-recurrence scan h_t = a_t * h_{t-1} + b_t, h_{-1} = h0.
 
-Three implementations with one signature ``(a, b, h0=None) -> h``:
+Implementations with one signature ``(a, b, h0=None) -> h``, all built on the
+one associative operator `compose`:
 
 * `linear_scan_ref`: the definition, a sequential loop. Readable, float64 capable.
+  O(L) work, O(L) depth.
+* `linear_scan_hillis_steele`: Hillis and Steele's scan: at level k every
+  element composes with the one 2^k steps back. O(L log L) work, O(log L) depth.
 * `linear_scan_blelloch`: Blelloch's work-efficient parallel scan (up-sweep,
   down-sweep): O(L) work, O(log L) depth, in vectorised PyTorch.
+* `linear_scan_chunked`: sequential inside chunks of T steps (all chunks at
+  once), a sequential scan over the L/T chunk carries, then a fix-up.
+  O(L) work, O(T + L/T) depth: the shape of the fused CPU/GPU kernels.
 * `linear_scan`: the dispatcher. It validates its inputs, then runs the native
   C++ or CUDA kernel through the custom op ``ssmlab::linear_scan`` (so autograd
   and `torch.compile` see one opaque, differentiable op), or the reference
@@ -92,6 +99,76 @@ def linear_scan_blelloch(a: Tensor, b: Tensor, h0: Optional[Tensor] = None) -> T
     # Inclusive state = exclusive prefix applied to h = 0, then this step.
     _, h = compose((pa, pb), (A, B))
     return h[..., :L].to(b.dtype)
+
+
+def _fold_h0(A: Tensor, B: Tensor, h0: Optional[Tensor]) -> Tensor:
+    """Fold the initial state into the first step: b_0 <- a_0 h0 + b_0."""
+    if h0 is None:
+        return B
+    return torch.cat([A[..., :1] * h0.to(B.dtype).unsqueeze(-1) + B[..., :1], B[..., 1:]], dim=-1)
+
+
+def linear_scan_hillis_steele(a: Tensor, b: Tensor, h0: Optional[Tensor] = None) -> Tensor:
+    """Hillis and Steele's inclusive scan over the last axis.
+
+    After level k, element t holds the composition of steps (t - 2^k, t]; the
+    next level composes it with element t - 2^k (or the identity (1, 0) before
+    the start). log2 L levels of L compositions each: O(L log L) work, but
+    every level is one fully parallel elementwise op.
+    """
+    acc = accumulation_dtype(b.dtype)
+    A, B = a.to(acc).expand_as(b), b.to(acc)
+    L = B.shape[-1]
+    if L == 0:
+        return torch.empty_like(b)
+    B = _fold_h0(A, B, h0)
+    step = 1
+    while step < L:
+        pad = B.shape[:-1] + (step,)
+        earlier = (torch.cat([A.new_ones(pad), A[..., :-step]], dim=-1), torch.cat([B.new_zeros(pad), B[..., :-step]], dim=-1))
+        A, B = compose(earlier, (A, B))
+        step *= 2
+    return B.to(b.dtype)
+
+
+def linear_scan_chunked(a: Tensor, b: Tensor, h0: Optional[Tensor] = None, chunk_len: Optional[int] = None) -> Tensor:
+    """Chunked scan: sequential inside chunks, carry across chunks.
+
+    1. Within each chunk of T steps, scan sequentially from the identity,
+       all chunks at once: local prefixes (P_t, Q_t) with h_t = P_t h_start + Q_t.
+    2. Scan the L/T chunk totals sequentially to get each chunk's start state.
+    3. Fix up: h_t = P_t h_start + Q_t.
+    O(L) work, O(T + L/T) depth; T defaults to about sqrt(L), which balances the two.
+    """
+    acc = accumulation_dtype(b.dtype)
+    A, B = a.to(acc).expand_as(b), b.to(acc)
+    L = B.shape[-1]
+    if L == 0:
+        return torch.empty_like(b)
+    T = chunk_len if chunk_len is not None else max(1, round(L**0.5))
+    if T < 1:
+        raise ValueError(f"linear_scan_chunked: chunk_len must be >= 1, got {T}")
+    n = -(-L // T)
+    if n * T != L:  # pad with the identity map (1, 0)
+        pad = B.shape[:-1] + (n * T - L,)
+        A, B = torch.cat([A, A.new_ones(pad)], dim=-1), torch.cat([B, B.new_zeros(pad)], dim=-1)
+    A, B = A.unflatten(-1, (n, T)), B.unflatten(-1, (n, T))  # (..., n, T)
+
+    P, Q, Ps, Qs = A[..., 0], B[..., 0], [A[..., 0]], [B[..., 0]]
+    for t in range(1, T):  # 1. local prefixes, every chunk in parallel
+        P, Q = compose((P, Q), (A[..., t], B[..., t]))
+        Ps.append(P)
+        Qs.append(Q)
+    P, Q = torch.stack(Ps, dim=-1), torch.stack(Qs, dim=-1)
+
+    h = torch.zeros(B.shape[:-2], dtype=acc, device=B.device) if h0 is None else h0.to(acc)
+    starts = []
+    for c in range(n):  # 2. carries across chunks, sequential
+        starts.append(h)
+        _, h = compose((torch.ones_like(h), h), (P[..., c, -1], Q[..., c, -1]))  # a state is the map (1, h)
+    start = torch.stack(starts, dim=-1).unsqueeze(-1)  # (..., n, 1)
+    _, out = compose((torch.ones_like(start), start), (P, Q))  # 3. fix-up
+    return out.flatten(-2)[..., :L].to(b.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -195,15 +272,24 @@ def _backward(ctx, grad_out):
 _linear_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The pure-PyTorch parallel scans, by backend name.
+PYTORCH_SCANS = {
+    "hillis_steele": linear_scan_hillis_steele,
+    "blelloch": linear_scan_blelloch,
+    "chunked": linear_scan_chunked,
+}
+
+
 def linear_scan(a: Tensor, b: Tensor, h0: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
     """h_t = a_t h_{t-1} + b_t over the last axis of (batch, channels, length) tensors.
 
     backend: 'auto' (native CUDA/CPU kernel where available, else the reference),
-    'cuda', 'cpu', 'ref' or 'blelloch'. Differentiable in a, b and h0.
+    'cuda', 'cpu', 'ref', or one of the pure-PyTorch parallel scans 'hillis_steele',
+    'blelloch', 'chunked'. Differentiable in a, b and h0.
     """
     check_scan_inputs(a, b, h0)
-    if backend == "blelloch":
-        return linear_scan_blelloch(a, b, h0)
+    if backend in PYTORCH_SCANS:
+        return PYTORCH_SCANS[backend](a, b, h0)
     which = native.backend_for(b.device, backend)
     if which == "ref":
         return linear_scan_ref(a, b, h0)

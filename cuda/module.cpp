@@ -2,10 +2,14 @@
 // boundary: pointers as addresses, dtypes as codes, streams as handles, so the
 // module is independent of the PyTorch version it is used with.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <vector>
 
 #include "ssmlab/linear_scan.h"
+#include "ssmlab/selective_scan.h"
 
 #ifdef SSMLAB_WITH_CUDA
 #include <cuda_runtime.h>
@@ -75,6 +79,86 @@ void bind_linear_scan(py::module_& m) {
 #endif
 }
 
+template <size_t K>
+py::tuple stride_tuple(const int64_t (&s)[K]) {
+  py::tuple t(K);
+  for (size_t i = 0; i < K; ++i) t[i] = s[i];
+  return t;
+}
+
+template <size_t K>
+void set_stride(int64_t (&s)[K], const std::vector<int64_t>& v) {
+  if (v.size() != K) throw std::invalid_argument("stride tuple has the wrong length");
+  for (size_t i = 0; i < K; ++i) s[i] = v[i];
+}
+
+#define SSMLAB_STRIDE(cls, T, name)                                              \
+  cls.def_property(                                                              \
+      #name, [](const T& p) { return stride_tuple(p.name); },                   \
+      [](T& p, const std::vector<int64_t>& v) { set_stride(p.name, v); })
+
+void bind_selective_scan(py::module_& m) {
+  using P = SelectiveScanParams;
+  py::class_<P> cls(m, "SelectiveScanParams");
+  cls.def(py::init<>())
+      .def_readwrite("batch", &P::batch)
+      .def_readwrite("dim", &P::dim)
+      .def_readwrite("length", &P::length)
+      .def_readwrite("dstate", &P::dstate)
+      .def_readwrite("groups", &P::groups)
+      .def_readwrite("chunk_len", &P::chunk_len)
+      .def_property(
+          "dtype", [](const P& p) { return int(p.dtype); }, [](P& p, int d) { p.dtype = DType(d); })
+      .def_readwrite("is_variable_B", &P::is_variable_B)
+      .def_readwrite("is_variable_C", &P::is_variable_C)
+      .def_readwrite("delta_softplus", &P::delta_softplus)
+      .def_readwrite("stream", &P::stream);
+  SSMLAB_STRIDE(cls, P, u_stride);
+  SSMLAB_STRIDE(cls, P, delta_stride);
+  SSMLAB_STRIDE(cls, P, z_stride);
+  SSMLAB_STRIDE(cls, P, out_stride);
+  SSMLAB_STRIDE(cls, P, B_stride);
+  SSMLAB_STRIDE(cls, P, C_stride);
+  pointer_field(cls, "u", &P::u);
+  pointer_field(cls, "delta", &P::delta);
+  pointer_field(cls, "z", &P::z);
+  pointer_field(cls, "A", &P::A);
+  pointer_field(cls, "B", &P::B);
+  pointer_field(cls, "C", &P::C);
+  pointer_field(cls, "D", &P::D);
+  pointer_field(cls, "delta_bias", &P::delta_bias);
+  pointer_field(cls, "h0", &P::h0);
+  pointer_field(cls, "out", &P::out);
+  pointer_field(cls, "last_state", &P::last_state);
+  pointer_field(cls, "chunk_states", &P::chunk_states);
+  pointer_field(cls, "grad_out", &P::grad_out);
+  pointer_field(cls, "grad_last_state", &P::grad_last_state);
+  pointer_field(cls, "grad_u", &P::grad_u);
+  pointer_field(cls, "grad_delta", &P::grad_delta);
+  pointer_field(cls, "grad_z", &P::grad_z);
+  pointer_field(cls, "grad_A", &P::grad_A);
+  pointer_field(cls, "grad_B", &P::grad_B);
+  pointer_field(cls, "grad_C", &P::grad_C);
+  pointer_field(cls, "grad_D", &P::grad_D);
+  pointer_field(cls, "grad_delta_bias", &P::grad_delta_bias);
+  pointer_field(cls, "grad_h0", &P::grad_h0);
+  pointer_field(cls, "workspace", &P::workspace);
+
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("selective_scan_fwd_cpu", &selective_scan_fwd_cpu, nogil);
+  m.def("selective_scan_bwd_cpu", &selective_scan_bwd_cpu, nogil);
+  m.def("selective_scan_chunk_len_cpu", &selective_scan_chunk_len_cpu);
+  m.def("selective_scan_bwd_workspace_bytes_cpu", &selective_scan_bwd_workspace_bytes_cpu);
+#if defined(SSMLAB_WITH_CUDA) && defined(SSMLAB_WITH_CUDA_SELECTIVE_SCAN)
+  // See the note at the top of ssmlab/selective_scan.h.
+  m.def("selective_scan_fwd_cuda", &selective_scan_fwd_cuda, nogil);
+  m.def("selective_scan_bwd_cuda", &selective_scan_bwd_cuda, nogil);
+  m.def("selective_scan_chunk_len_cuda", &selective_scan_chunk_len_cuda);
+  m.def("selective_scan_bwd_workspace_bytes_cuda", &selective_scan_bwd_workspace_bytes_cuda);
+#endif
+}
+#undef SSMLAB_STRIDE
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -91,4 +175,5 @@ PYBIND11_MODULE(_native, m) {
 #endif
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices visible to the native module (0 without a GPU).");
   bind_linear_scan(m);
+  bind_selective_scan(m);
 }

@@ -1,5 +1,16 @@
 // The selective scan (Mamba's S6 operator), forward and backward.
 //
+// NOTE FOR THE CUDA KERNELS: cuda/module.cpp binds the four *_cuda functions
+// below only when the macro SSMLAB_WITH_CUDA_SELECTIVE_SCAN is defined (and
+// SSMLAB_WITH_CUDA is), so the CUDA build links before they exist. Once
+// cuda/gpu/*.cu defines all four, define it for the _native target
+// (`target_compile_definitions(_native PRIVATE SSMLAB_WITH_CUDA_SELECTIVE_SCAN)`
+// in the SSMLAB_HAVE_CUDA block of CMakeLists.txt). Python finds them as
+// native_module().selective_scan_{fwd,bwd}_cuda, selective_scan_chunk_len_cuda()
+// and selective_scan_bwd_workspace_bytes_cuda(params); it allocates
+// chunk_states with n_chunks = ceil(L / chunk_len) and a uint8 workspace of
+// the queried size, and passes the current stream in `stream`.
+//
 //   delta_t = softplus(delta_t + delta_bias)      (when delta_softplus)
 //   h_t     = exp(delta_t A) * h_{t-1} + delta_t B_t u_t
 //   y_t     = C_t . h_t + D u_t,  out_t = y_t * silu(z_t)   (when z given)
