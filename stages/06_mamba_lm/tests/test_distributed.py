@@ -1,0 +1,159 @@
+"""Data-parallel training (ssmlab.core.distributed): two gloo CPU processes equal one process.
+
+The two-process job is started with torch.multiprocessing (fork), each process
+given the variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT), so `setup()` runs exactly as under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from ssmlab.core import distributed as D
+from ssmlab.core.training import CHECKPOINT_NAME, LOG_NAME, EpochBatches, TrainConfig, train
+from ssmlab.core.transformer import TransformerConfig, TransformerLM
+
+WORLD = 2
+GLOBAL_BATCH = 8  # rows per micro-batch over all ranks
+STEPS = 4
+
+
+class Killed(Exception):
+    pass
+
+
+def _model() -> TransformerLM:
+    torch.manual_seed(1)
+    return TransformerLM(TransformerConfig(d_model=32, n_layer=2, n_head=2, vocab_size=16, d_ff=48))
+
+
+def _data() -> EpochBatches:
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 16, (40, 13), generator=g)
+    return EpochBatches.from_tensors(ids[:, :-1], ids[:, 1:], batch_size=GLOBAL_BATCH, seed=3)
+
+
+def _loss(model, batch):
+    x, y = batch
+    logits = model(x)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    return loss, {"acc": (logits.argmax(-1) == y).float().mean()}
+
+
+def _cfg(out_dir) -> TrainConfig:
+    return TrainConfig(lr=3e-3, warmup_steps=1, max_steps=STEPS, grad_accum=2, log_every=1, ckpt_every=2,
+                       out_dir=str(out_dir), progress=False, seed=5)
+
+
+def _losses(out_dir) -> list[float]:
+    lines = (Path(out_dir) / LOG_NAME).read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def _worker(rank: int, port: int, root: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = D.setup("cpu")
+    assert env.world_size == WORLD and env.backend == "gloo" and env.rank == rank
+    root = Path(root)
+    # (a) uninterrupted
+    model_a = _model()
+    D.train_distributed(model_a, _loss, _data(), _cfg(root / "a"), env)
+    # (b) killed right after the checkpoint of step 2, then resumed by the same command
+    def kill(step, record):
+        if step == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        D.train_distributed(_model(), _loss, _data(), _cfg(root / "b"), env, on_step=kill)
+    model_b = _model()
+    res = D.train_distributed(model_b, _loss, _data(), _cfg(root / "b"), env)
+    assert res.resumed_from == 2
+    if env.is_main:
+        torch.save({"a": model_a.state_dict(), "b": model_b.state_dict()}, root / "final.pt")
+    D.teardown(env)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_worker, args=(_free_port(), str(root)), nprocs=WORLD, start_method="fork", join=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    model = _model()
+    train(model, _loss, _data(), _cfg(root))
+    return root, model
+
+
+def test_two_processes_equal_one_process(ddp_run, single_run):
+    single_dir, single_model = single_run
+    final = torch.load(ddp_run / "final.pt")
+    ref = single_model.state_dict()
+    assert final["a"].keys() == ref.keys()  # no "module." prefix
+    start = _model().state_dict()
+    for name, p in ref.items():
+        moved = (p - start[name]).abs().max().item()
+        err = (final["a"][name] - p).abs().max().item()
+        assert err <= 1e-5 * max(1.0, p.abs().max().item()), f"{name}: DDP differs from one process by {err:.2e}"
+        assert moved > 0 or p.ndim < 2, f"{name} did not train"
+    single, ddp = _losses(single_dir), _losses(ddp_run / "a")
+    assert len(ddp) == STEPS == len(single)
+    assert max(abs(a - b) for a, b in zip(single, ddp)) < 1e-5, (single, ddp)  # logged: global-batch means
+
+
+def test_two_process_resume_is_exact(ddp_run):
+    final = torch.load(ddp_run / "final.pt")
+    for name, p in final["a"].items():
+        assert torch.equal(final["b"][name], p), f"{name}: resumed DDP run differs from the uninterrupted one"
+    assert _losses(ddp_run / "b") == _losses(ddp_run / "a")  # steps 1-2 before the kill, 3-4 after
+    assert not any(p.name.startswith(".rank") for p in (ddp_run / "b").iterdir()), "rank > 0 left files behind"
+
+
+def test_ddp_checkpoint_loads_into_one_process(ddp_run, tmp_path):
+    """The DDP checkpoint is a single-process checkpoint: resuming it in one process continues the run."""
+    ckpt = ddp_run / "a" / CHECKPOINT_NAME
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == STEPS and not any(k.startswith("module.") for k in state["model"])
+    model = _model()
+    model.load_state_dict(state["model"])
+    cfg = _cfg(tmp_path)
+    cfg.max_steps = STEPS + 1
+    (tmp_path / CHECKPOINT_NAME).write_bytes(ckpt.read_bytes())
+    res = train(model, _loss, _data(), cfg)
+    assert res.resumed_from == STEPS and res.step == STEPS + 1
+
+
+def test_shard_and_env_errors():
+    x = torch.arange(12).view(6, 2)
+    parts = [D.shard((x, {"y": x}), r, 3) for r in range(3)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x)
+    assert torch.equal(parts[1][1]["y"], x[2:4])
+    with pytest.raises(ValueError, match="does not split evenly"):
+        D.shard(x, 0, 4)
+    assert D.env_from_variables({}) == (0, 1, 0)
+    with pytest.raises(ValueError, match="RANK"):
+        D.env_from_variables({"RANK": "2", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="device"):
+        D.setup("tpu")
+    env = D.setup("cpu")  # no torchrun variables here: one plain process
+    assert not env.distributed and env.is_main and env.device == "cpu"
