@@ -25,6 +25,10 @@ An inverse FFT of K^ gives K. At ω = -1 (even L), g is infinite and the limit
 is exact: K^(-1) = Δ/2 · C~ B. Work is O(N L) per channel and, with the lean
 Cauchy product, O(N + L) memory.
 
+C~ is tied to one length, ``l_max``: the layer always computes the kernel
+of length l_max and cuts it to the input's length, so inputs of any length up
+to l_max see the same filter (longer ones get the kernel of their own length).
+
 The recurrent step mode rebuilds the dense system of size N (O(N^2) per
 step): C = C~ (I - dA^L)^{-1} for the length L the kernel is used at.
 
@@ -145,8 +149,9 @@ class S4Kernel(nn.Module):
         return Lam, vc(self.P), vc(self.B), vc(self.C), torch.exp(self.log_dt)
 
     def forward(self, L: int) -> Tensor:
+        """The kernel of length l_max, cut to L (C~ belongs to l_max: a shorter input sees the same filter)."""
         Lam, P, B, Ct, dt = self.params()
-        return s4_kernel(Lam, P, B, Ct, dt, L, self.lean)
+        return s4_kernel(Lam, P, B, Ct, dt, max(L, self.l_max), self.lean)[..., :L]
 
     def step_params(self, L: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Dense (dA (H, N, N), dB (H, N), C (c, H, N)) with C = C~ (I - dA^L)^{-1}, L = l_max by default."""
