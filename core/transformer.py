@@ -155,20 +155,22 @@ def match_mamba(mamba_cfg, n_layer: Optional[int] = None, n_head: Optional[int] 
 # --------------------------------------------------------------------------- rotary embeddings
 
 
-def rotary_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles theta_{t,i} = t * base^(-2i/P): (L, P/2) each, float32."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (L, P/2)
+def rotary_cos_sin(positions: Tensor, head_dim: int, base: float,
+                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles theta_{t,i} = t * base^(-2i/P): (L, P/2) each, in `dtype`."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=dtype, device=positions.device) / head_dim)
+    angles = positions.to(dtype)[:, None] * inv_freq[None, :]  # (L, P/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate each pair (x_i, x_{i+P/2}) of x (B, H, L, P) by its angle ("rotate-half" layout).
 
-    (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), computed in float32; so
+    (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), computed in float32 at least; so
     <RoPE(q, t), RoPE(k, s)> depends on t - s only (RoFormer, Su et al. 2021, Eq. 14).
     """
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, L, P/2) each
+    acc = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(acc).chunk(2, dim=-1)  # (B, H, L, P/2) each
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)
 
@@ -205,7 +207,8 @@ def causal_attention_ref(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         raise ValueError(f"causal_attention_ref: keys ({S}) must be at least as many as queries ({L})")
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(P)  # (B, H, L, S)
     scores = scores.masked_fill(~_causal_mask(L, S, q.device), float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+    acc = torch.promote_types(scores.dtype, torch.float32)  # softmax in float32 at least (float64 stays)
+    return torch.softmax(scores.to(acc), dim=-1).to(q.dtype) @ v
 
 
 @dataclass
@@ -254,7 +257,8 @@ class Attention(nn.Module):
         H, P = self.cfg.n_head, self.cfg.head_dim
         q, k, v = self.qkv(x).view(Bsz, L, 3, H, P).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, P)
         offset = cache.seqlen_offset if cache is not None else 0
-        cos, sin = rotary_cos_sin(torch.arange(offset, offset + L, device=x.device), P, self.cfg.rope_base)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        cos, sin = rotary_cos_sin(torch.arange(offset, offset + L, device=x.device), P, self.cfg.rope_base, acc)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, S, P)
