@@ -28,6 +28,7 @@ path, size and modification time.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tarfile
@@ -223,3 +224,93 @@ def train_val_split(labels: np.ndarray, val_fraction: float = 0.1, seed: int = 0
 def clean_review(text: str) -> str:
     """The reviews carry HTML line breaks (``<br />``); make them spaces."""
     return text.replace("<br />", " ")
+
+
+# ----------------------------------------------------------------------------- tokenized splits
+
+
+@dataclass
+class TokenizedImdb:
+    """Token ids of the train / validation / test reviews (validation carved from train), with labels."""
+
+    train: "Packed"
+    val: "Packed"
+    test: "Packed"
+    y_train: np.ndarray
+    y_val: np.ndarray
+    y_test: np.ndarray
+    vocab_size: int  # V, padding id 0 included
+    tokenizer_json: Optional[str]  # the BPE tokenizer (None for bytes)
+    info: dict  # how the splits were made (sizes, subsets, truncation)
+
+
+def _stratified_subset(labels: np.ndarray, n: Optional[int], rng: np.random.Generator) -> np.ndarray:
+    """`n` indices (about half per label) drawn without replacement, sorted; all when n is None."""
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    if n < 2:
+        raise ValueError(f"a subset needs at least 2 reviews, got {n}")
+    parts = []
+    classes = np.unique(labels)
+    for j, y in enumerate(classes):
+        k = n // len(classes) + (1 if j < n % len(classes) else 0)
+        parts.append(rng.choice(np.flatnonzero(labels == y), size=k, replace=False))
+    return np.sort(np.concatenate(parts))
+
+
+def tokenized_imdb(data: Imdb, tokenizer: str = "bpe", max_len: Optional[int] = None, vocab_size: int = 8192,
+                   val_fraction: float = 0.1, seed: int = 0, train_subset: Optional[int] = None,
+                   val_subset: Optional[int] = None, test_subset: Optional[int] = None,
+                   cache: bool = True) -> TokenizedImdb:
+    """Carve validation from train, optionally subsample, train BPE on the training part only, encode.
+
+    Reviews are cleaned (`clean_review`) and truncated to their first `max_len`
+    tokens. Results are cached in the user cache, keyed by the source and every
+    argument, so chunked runs do not re-tokenize.
+    """
+    from ssmlab.datasets.tokenize import BpeTokenizer, ByteTokenizer, Packed
+
+    if tokenizer not in ("byte", "bpe"):
+        raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {tokenizer!r}")
+    args = dict(tokenizer=tokenizer, max_len=max_len, vocab_size=vocab_size if tokenizer == "bpe" else 257,
+                val_fraction=val_fraction, seed=seed, train_subset=train_subset, val_subset=val_subset,
+                test_subset=test_subset, n_train=len(data.train), n_test=len(data.test))
+    dest = None
+    if cache and data.source.is_file():
+        key = hashlib.sha256(f"{_cache_key(data.source, len(data.train) // 2)}|{sorted(args.items())}".encode())
+        dest = cache_dir() / "imdb" / f"tokens-{key.hexdigest()[:16]}.npz"
+        if dest.exists():
+            try:
+                with np.load(dest, allow_pickle=False) as z:
+                    packs = {s: Packed(z[f"{s}_ids"], z[f"{s}_offsets"]) for s in ("train", "val", "test")}
+                    tj = z["tokenizer_json"].tobytes().decode() if "tokenizer_json" in z else None
+                    info = json.loads(z["info"].tobytes().decode())
+                    return TokenizedImdb(packs["train"], packs["val"], packs["test"], z["y_train"], z["y_val"],
+                                         z["y_test"], int(z["vocab_size"]), tj, info)
+            except (OSError, KeyError, ValueError, zlib.error):
+                dest.unlink(missing_ok=True)
+    rng = np.random.default_rng(seed)
+    tr, va = train_val_split(data.train.labels, val_fraction, seed)
+    tr = tr[_stratified_subset(data.train.labels[tr], train_subset, rng)]
+    va = va[_stratified_subset(data.train.labels[va], val_subset, rng)]
+    te = _stratified_subset(data.test.labels, test_subset, rng)
+    texts = {"train": [clean_review(data.train.texts[i]) for i in tr],
+             "val": [clean_review(data.train.texts[i]) for i in va],
+             "test": [clean_review(data.test.texts[i]) for i in te]}
+    tok = ByteTokenizer() if tokenizer == "byte" else BpeTokenizer.train(texts["train"], vocab_size)
+    packs = {s: tok.encode_all(t, max_len) for s, t in texts.items()}
+    tj = tok.tok.to_str() if tokenizer == "bpe" else None
+    lengths = {s: p.lengths() for s, p in packs.items()}
+    info = {**args, "source": str(data.source), "sizes": {s: len(p) for s, p in packs.items()},
+            "truncated_fraction": {s: float(np.mean(lengths[s] >= max_len)) if max_len else 0.0 for s in packs},
+            "mean_tokens": {s: float(lengths[s].mean()) for s in packs}}
+    out = TokenizedImdb(packs["train"], packs["val"], packs["test"], data.train.labels[tr], data.train.labels[va],
+                        data.test.labels[te], tok.vocab_size, tj, info)
+    if dest is not None:
+        arrays = {f"{s}_{k}": getattr(p, k) for s, p in packs.items() for k in ("ids", "offsets")}
+        arrays.update(y_train=out.y_train, y_val=out.y_val, y_test=out.y_test, vocab_size=np.array(out.vocab_size),
+                      info=np.frombuffer(json.dumps(info).encode(), np.uint8))
+        if tj is not None:
+            arrays["tokenizer_json"] = np.frombuffer(tj.encode(), np.uint8)
+        _save_npz(dest, arrays)
+    return out

@@ -132,3 +132,80 @@ class BpeTokenizer:
 
     def to_json(self) -> dict:
         return json.loads(self.tok.to_str())
+
+
+class LengthBucketBatches:
+    """Shuffled mini-batches that group sequences of similar length (less padding), resumable.
+
+    Epoch e: permute the examples with seed + e, cut the permutation into pools
+    of `pool` batches, sort each pool by length, cut it into batches, and
+    shuffle the batch order. Everything follows from (seed, epoch), so the
+    state is (epoch, cursor). Each batch is (ids (B, L) int64, lengths (B,),
+    labels (B,) float32) as tensors; L is padded up to `pad_multiple`.
+    """
+
+    def __init__(self, packed: Packed, labels: np.ndarray, batch_size: int, seed: int = 0, pool: int = 50,
+                 pad_multiple: int = 8):
+        import torch
+
+        if batch_size < 1 or batch_size > len(packed):
+            raise ValueError(f"batch_size must be in [1, {len(packed)}], got {batch_size}")
+        if len(labels) != len(packed):
+            raise ValueError(f"labels ({len(labels)}) and sequences ({len(packed)}) differ in number")
+        self.packed, self.labels = packed, np.asarray(labels)
+        self.batch_size, self.seed, self.pool, self.pad_multiple = batch_size, seed, pool, pad_multiple
+        self._torch = torch
+        self.lengths = packed.lengths()
+        self.epoch, self.cursor = 0, 0
+        self._batches = self._plan(0)
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng(self.seed + epoch)
+        perm = rng.permutation(len(self.packed))
+        n_full = len(perm) // self.batch_size * self.batch_size  # drop the last incomplete batch
+        perm = perm[:n_full]
+        batches = []
+        step = self.batch_size * self.pool
+        for s in range(0, n_full, step):
+            chunk = perm[s : s + step]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        order = rng.permutation(len(batches))
+        return [batches[i] for i in order]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.cursor >= len(self._batches):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._batches = self._plan(self.epoch)
+        idx = self._batches[self.cursor]
+        self.cursor += 1
+        return self.batch(idx)
+
+    def batch(self, idx: Sequence[int]):
+        torch = self._torch
+        ids, lens = self.packed.pad(idx, self.pad_multiple)
+        return torch.from_numpy(ids), torch.from_numpy(lens), torch.from_numpy(self.labels[idx].astype(np.float32))
+
+    def steps_per_epoch(self) -> int:
+        return len(self._batches)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor, self.seed = state["epoch"], state["cursor"], state["seed"]
+        self._batches = self._plan(self.epoch)
+
+
+def eval_batches(packed: Packed, batch_size: int, pad_multiple: int = 8):
+    """Deterministic batches over all sequences, sorted by length: yields (index, ids, lengths)."""
+    import torch
+
+    order = np.argsort(packed.lengths(), kind="stable")
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        ids, lens = packed.pad(idx, pad_multiple)
+        yield idx, torch.from_numpy(ids), torch.from_numpy(lens)
