@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from ssmlab.core.cauchy import cauchy, cauchy_ref
+from ssmlab.core.discretize import bilinear
 from ssmlab.core.s4d import SSMConv
 
 
@@ -76,12 +77,9 @@ def dplr_dense(Lam: Tensor, P: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def bilinear_dense(A: Tensor, B: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
-    """dA = (I - Δ/2 A)^{-1}(I + Δ/2 A), dB = (I - Δ/2 A)^{-1} Δ B; A (H, N, N), B (H, N), dt (H,)."""
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    half = (dt / 2).to(A.dtype)[:, None, None] * A
-    dA = torch.linalg.solve(eye - half, eye + half)
-    dB = torch.linalg.solve(eye - half, dt.to(A.dtype)[:, None] * B)
-    return dA, dB
+    """dA = (I - Δ/2 A)^{-1}(I + Δ/2 A), dB = (I - Δ/2 A)^{-1} Δ B (stage 01); A (H, N, N), B (H, N), dt (H,)."""
+    dA, dB = bilinear(A, B.unsqueeze(-1), dt.to(A.real.dtype))
+    return dA, dB.squeeze(-1)
 
 
 def s4_kernel(Lam: Tensor, P: Tensor, B: Tensor, Ct: Tensor, dt: Tensor, L: int, lean: bool = True) -> Tensor:

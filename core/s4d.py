@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssmlab.core import discretize as _disc
 from ssmlab.core.cauchy import vandermonde, vandermonde_ref
+from ssmlab.core.lti import causal_conv
 
 INITS = ("legs", "lin", "real")
 METHODS = ("zoh", "bilinear")
@@ -77,27 +79,23 @@ def s4d_init(N: int, init: str = "legs") -> tuple[Tensor, Tensor, bool]:
 
 
 def discretize_diag(A: Tensor, B: Tensor, dt: Tensor, method: str = "zoh") -> tuple[Tensor, Tensor]:
-    """(dA, dB) of a diagonal SSM; A, B (..., N) complex, dt broadcastable (..., 1)."""
+    """(dA, dB) of a diagonal SSM: A, B (..., N) complex, dt (...) (stage 01's `discretize_diag`)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    dtA = dt * A
-    if method == "zoh":
-        dA = torch.exp(dtA)
-        return dA, (dA - 1) / A * B
-    denom = 1 - dtA / 2
-    return (1 + dtA / 2) / denom, dt * B / denom
+    return _disc.discretize_diag(A, B, dt, method)
 
 
 def log_dA(A: Tensor, dt: Tensor, method: str) -> Tensor:
-    """log of dA, exact for ZOH (Δ A) so the Vandermonde powers lose nothing."""
+    """log of dA (..., N), exact for ZOH (Δ A) so the Vandermonde powers lose nothing."""
     if method == "zoh":
-        return dt * A
-    return torch.log(discretize_diag(A, torch.ones_like(A), dt, method)[0])
+        return dt.unsqueeze(-1) * A
+    dtA = dt.unsqueeze(-1) * A
+    return torch.log1p(dtA / 2) - torch.log1p(-dtA / 2)  # log((1 + ΔA/2) / (1 - ΔA/2))
 
 
 def s4d_kernel_ref(A: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int, method: str = "zoh", conj: bool = True) -> Tensor:
     """K_l = C dA^l dB by explicit powering of the diagonal. A, B (H, N'), C (c, H, N'), dt (H,) -> (c, H, L)."""
-    dA, dB = discretize_diag(A, B, dt.unsqueeze(-1), method)
+    dA, dB = discretize_diag(A, B, dt, method)
     x, ks = dB, []
     for _ in range(L):
         ks.append((C * x).sum(-1))
@@ -109,19 +107,13 @@ def s4d_kernel_ref(A: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int, method: 
 def s4d_kernel(A: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int, method: str = "zoh", conj: bool = True,
                lean: bool = True) -> Tensor:
     """The same kernel by a Vandermonde product (lean: chunked, O(N + L) memory)."""
-    dt = dt.unsqueeze(-1)
     _, dB = discretize_diag(A, B, dt, method)
     product = vandermonde if lean else vandermonde_ref
     K = product(C * dB, log_dA(A, dt, method), L)
     return 2 * K.real if conj else K.real
 
 
-def fft_conv(u: Tensor, K: Tensor) -> Tensor:
-    """Causal convolution y_l = sum_{j<=l} K_j u_{l-j} by FFT; u (..., L), K broadcastable (..., L)."""
-    L = u.shape[-1]
-    n = 2 * L  # zero padding: no wrap-around
-    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(K, n=n), n=n)
-    return y[..., :L]
+fft_conv = causal_conv  # stage 01's causal FFT convolution: u (..., L), K (..., L) -> (..., L)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -170,7 +162,7 @@ class S4DKernel(nn.Module):
     def step_params(self) -> tuple[Tensor, Tensor, Tensor]:
         """(dA (H, N'), dB (H, N'), C (c, H, N')) for the recurrence."""
         A, B, C, dt = self.params()
-        dA, dB = discretize_diag(A, B, dt.unsqueeze(-1), self.method)
+        dA, dB = discretize_diag(A, B, dt, self.method)
         return dA, dB, C
 
     def default_state(self, batch: int) -> Tensor:

@@ -32,7 +32,7 @@ def test_vandermonde_kernel_equals_powering(H, Np, L, method, conj):
 def test_zoh_matches_matrix_exponential():
     """ZOH: exp([[ΔA, ΔB], [0, 0]]) = [[dA, dB], [0, 1]] for each mode."""
     A, B, _, dt = _random_diag(2, 3)
-    dA, dB = discretize_diag(A, B, dt.unsqueeze(-1), "zoh")
+    dA, dB = discretize_diag(A, B, dt, "zoh")
     for h in range(2):
         for n in range(3):
             M = torch.zeros(2, 2, dtype=torch.complex128)
@@ -44,7 +44,7 @@ def test_zoh_matches_matrix_exponential():
 def test_bilinear_is_trapezoid():
     """Bilinear: (1 - ΔA/2) x_k = (1 + ΔA/2) x_{k-1} + Δ B u_k, solved for x_k."""
     A, B, _, dt = _random_diag(1, 4)
-    dA, dB = discretize_diag(A, B, dt.unsqueeze(-1), "bilinear")
+    dA, dB = discretize_diag(A, B, dt, "bilinear")
     x0, u = torch.randn(4, dtype=torch.complex128), 0.7
     x1 = dA[0] * x0 + dB[0] * u
     lhs, rhs = (1 - dt * A[0] / 2) * x1, (1 + dt * A[0] / 2) * x0 + dt * B[0] * u
