@@ -8,19 +8,30 @@ M = P = 1 is one channel (SISO); larger M, P are multi-channel (MIMO).
 The ground truth is an adaptive Runge-Kutta solver (SciPy's `solve_ivp`,
 DOP853 at tight tolerances), not a hand-written integrator, so the errors of
 the discretizations in `ssmlab.core.discretize` can be measured against it.
-Everything here is NumPy float64: this is the reference, not a layer.
+The simulator is NumPy float64: the reference, not a layer.
+
+The second half is the same system as a learnable PyTorch layer
+(`SSMLayer`: H channels, parameters A, B, C, D and Δ, discretized at every
+forward pass and applied as a causal convolution) and the small models of
+stage 01 built on it (`SSMSequenceModel`, `SSMCharLM`).
+
+Shapes: B batch, L length, H channels, N state size, V vocabulary.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.integrate import solve_ivp
+from torch import Tensor, nn
 
 from ssmlab.core.discretize import discretize
+from ssmlab.core.lti import causal_conv, ssm_kernel, ssm_step
 
 
 @dataclass
@@ -125,3 +136,119 @@ def run_discrete(Ad: np.ndarray, Bd: np.ndarray, u: np.ndarray, x0: Optional[np.
         x = Ad @ x + Bd @ uk
         out.append(x)
     return np.stack(out)
+
+
+# ============================================================================= a learnable SSM layer
+#
+# The same continuous system, now with learnable parameters, H independent
+# channels of state size N, discretized afresh at every forward pass (so Δ, A,
+# B are trained through the discretization) and applied in convolutional mode.
+
+
+def dissipative_A(L_factor: Tensor, W: Tensor, eps: float = 1e-3) -> Tensor:
+    """A = -(L Lᵀ + εI) + (W - Wᵀ): its symmetric part is negative definite, so every
+    eigenvalue has real part <= -ε and the system is stable for any parameters.
+    (..., N, N) -> (..., N, N)."""
+    I = torch.eye(L_factor.shape[-1], dtype=L_factor.dtype, device=L_factor.device)
+    return -(L_factor @ L_factor.transpose(-1, -2) + eps * I) + (W - W.transpose(-1, -2))
+
+
+class SSMLayer(nn.Module):
+    """H channels, each a SISO continuous SSM (A (N, N), B (N,), C (N,), D, Δ), discretized
+    by `method` and run as a causal convolution: (B, L, H) -> (B, L, H).
+
+    A is parameterized as `dissipative_A` (stable by construction); Δ is
+    learned in log space, initialized log-uniformly in [dt_min, dt_max] so
+    different channels see different time scales.
+    """
+
+    def __init__(self, H: int, N: int = 16, dt_min: float = 1e-3, dt_max: float = 1e-1, method: str = "zoh",
+                 a_scale: float = 0.5, skew_scale: float = 1.0):
+        super().__init__()
+        if H < 1 or N < 1:
+            raise ValueError(f"H and N must be >= 1, got H={H}, N={N}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+        if method not in ("zoh", "bilinear", "backward_euler"):  # the rules that keep a stable A stable
+            raise ValueError(f"method must be 'zoh', 'bilinear' or 'backward_euler', got {method!r}")
+        self.H, self.N, self.method = H, N, method
+        self.A_L = nn.Parameter(math.sqrt(a_scale) * torch.eye(N).repeat(H, 1, 1))  # (H, N, N): -(L Lᵀ) = -a_scale I
+        self.A_W = nn.Parameter(skew_scale * torch.randn(H, N, N) / math.sqrt(N))  # (H, N, N): rotation part
+        self.B = nn.Parameter(torch.randn(H, N) / math.sqrt(N))  # (H, N)
+        self.C = nn.Parameter(torch.randn(H, N) / math.sqrt(N))  # (H, N)
+        self.D = nn.Parameter(torch.ones(H))  # (H,) skip connection
+        log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        self.log_dt = nn.Parameter(log_dt)  # (H,) log Δ
+
+    def discrete(self) -> tuple[Tensor, Tensor]:
+        """(Ā (H, N, N), B̄ (H, N)) for the current parameters."""
+        A = dissipative_A(self.A_L, self.A_W)
+        Ad, Bd = discretize(A, self.B.unsqueeze(-1), torch.exp(self.log_dt), self.method)
+        return Ad, Bd.squeeze(-1)
+
+    def kernel(self, L: int) -> Tensor:
+        """K (H, L) = (C B̄, C Ā B̄, ..., C Ā^{L-1} B̄)."""
+        Ad, Bd = self.discrete()
+        return ssm_kernel(Ad, Bd, self.C, L)
+
+    def forward(self, u: Tensor) -> Tensor:  # u (B, L, H)
+        K = self.kernel(u.shape[1])  # (H, L)
+        y = causal_conv(u.transpose(1, 2), K)  # (B, H, L)
+        return y.transpose(1, 2) + self.D * u
+
+    def step(self, x: Tensor, u_t: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        """Recurrent mode, one step: state x (B, H, N), input u_t (B, H) -> (y_t (B, H), new x).
+
+        Pass ``cache=self.discrete()`` to avoid re-discretizing at every step.
+        """
+        Ad, Bd = cache if cache is not None else self.discrete()
+        return ssm_step(Ad, Bd, self.C, x, u_t, self.D)
+
+
+class SSMBlock(nn.Module):
+    """Pre-norm residual block: x + W·GELU(SSM(LayerNorm(x))). Sequence mixing in the SSM,
+    channel mixing in W. (B, L, H) -> (B, L, H)."""
+
+    def __init__(self, H: int, N: int = 16, dropout: float = 0.0, **ssm_kw):
+        super().__init__()
+        self.norm = nn.LayerNorm(H)
+        self.ssm = SSMLayer(H, N, **ssm_kw)
+        self.mix = nn.Linear(H, H)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.drop(self.mix(F.gelu(self.ssm(self.norm(x)))))
+
+
+class SSMSequenceModel(nn.Module):
+    """Linear encoder -> n_layers SSMBlocks -> LayerNorm -> linear decoder. (B, L, d_in) -> (B, L, d_out)."""
+
+    def __init__(self, d_in: int, d_out: int, H: int = 64, N: int = 16, n_layers: int = 2, **block_kw):
+        super().__init__()
+        self.encoder = nn.Linear(d_in, H)
+        self.blocks = nn.ModuleList([SSMBlock(H, N, **block_kw) for _ in range(n_layers)])
+        self.norm = nn.LayerNorm(H)
+        self.decoder = nn.Linear(H, d_out)
+
+    def forward(self, u: Tensor) -> Tensor:
+        x = self.encoder(u)  # (B, L, H)
+        for block in self.blocks:
+            x = block(x)
+        return self.decoder(self.norm(x))
+
+
+class SSMCharLM(nn.Module):
+    """The first SSM language model: embedding -> SSMBlocks -> logits. (B, L) ids -> (B, L, V)."""
+
+    def __init__(self, V: int, H: int = 128, N: int = 16, n_layers: int = 4, **block_kw):
+        super().__init__()
+        self.embed = nn.Embedding(V, H)
+        self.blocks = nn.ModuleList([SSMBlock(H, N, **block_kw) for _ in range(n_layers)])
+        self.norm = nn.LayerNorm(H)
+        self.head = nn.Linear(H, V)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.embed(ids)  # (B, L, H)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))  # (B, L, V)
