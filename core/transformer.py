@@ -344,12 +344,17 @@ class TransformerLM(nn.Module):
 
         `attention` may be `causal_attention_ref` (tests compare the two).
         """
+        return self.lm_head(self.hidden_states(input_ids, caches, attention))
+
+    def hidden_states(self, input_ids: Tensor, caches: Optional[list[KVCache]] = None,
+                      attention=causal_attention) -> Tensor:
+        """The final normalised hidden states (B, L, D), before the head (Mamba: ``model.backbone(ids)``)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
         h = self.embedding(input_ids)  # (B, L, D)
         for i, layer in enumerate(self.layers):
             h = layer(h, None if caches is None else caches[i], attention)
-        return self.lm_head(self.norm_f(h.to(self.norm_f.weight.dtype)))
+        return self.norm_f(h.to(self.norm_f.weight.dtype))
 
     def step(self, input_ids: Tensor, caches: list[KVCache]) -> Tensor:
         """One token per sequence: input_ids (B,) -> logits (B, V_padded). Cost grows with the cached length."""
