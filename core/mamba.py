@@ -207,6 +207,8 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(ED, D, bias=cfg.bias, **kw)
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
+        if device is None or torch.device(device).type != "meta":
+            self.reset_parameters()
 
     # ---- initialization (Section 3.6 / Appendix: Delta, A; reference defaults elsewhere)
     @torch.no_grad()

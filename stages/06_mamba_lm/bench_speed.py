@@ -1,0 +1,509 @@
+"""Speed and memory of Mamba against the Transformer baseline at equal parameters (~130M by default).
+
+Three measurements (CUDA events and medians on GPU; wall clock on CPU):
+
+1. ``train``: training throughput (tokens/s) and peak memory of one optimizer
+   step (forward, backward, AdamW; bf16 autocast on GPU) at L in
+   {1024, 4096, 16384, 65536}, the batch set to keep B * L (tokens per step)
+   constant. Out-of-memory is caught and reported, not fatal.
+2. ``gen``: generation throughput at batch {1, 16, 64}: a 2048-token prompt
+   (prefill) then 256 greedy tokens; tokens/s = B * 256 / (prefill + decoding),
+   and the decoding steps alone. Weights in bf16 on GPU.
+3. ``memory``: memory against context length L at batch 1: the inference
+   state after a prefill of L tokens (Mamba: conv + SSM state, constant; the
+   Transformer: its KV cache, linear in L), the peak memory of that prefill,
+   and the peak memory of one training step at batch 1.
+
+Both models go through identical loops; the loss computes the vocabulary head
+in chunks under activation checkpointing (the (B L, V) logits of a 50K-token
+vocabulary would otherwise dominate the memory of both models equally and hide
+the mixers' difference).
+
+    python stages/06_mamba_lm/bench_speed.py --quick              # CPU, tiny models, seconds
+    python stages/06_mamba_lm/bench_speed.py --sections train     # the H100 table (see gpu_runs_part2.sh)
+
+Writes ``OUT/bench_<section>.json`` (merged with earlier runs of other
+sections or models), a Markdown table ``OUT/bench_speed.md`` and PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ssmlab.core.checkpoint import atomic_write_text
+from ssmlab.core.mamba import MambaConfig, MambaLMHeadModel, param_count as mamba_params, preset
+from ssmlab.core.training import TrainConfig, make_optimizer
+from ssmlab.core.transformer import TransformerLM, match_mamba, param_count as transformer_params
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "bench"
+MODELS = ("mamba", "transformer")
+
+
+# --------------------------------------------------------------------------- timing and memory
+
+
+class Timer:
+    """Median seconds of a callable: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], None], warmup: int, repeats: int) -> list[float]:
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+        return times
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> Optional[float]:
+    """Peak allocated memory since the last reset (GPU only; None on CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build(name: str, mcfg: MambaConfig, device, dtype=None):
+    """(model, parameter count) for 'mamba' or its parameter-matched 'transformer'."""
+    if name == "mamba":
+        return MambaLMHeadModel(mcfg, device=device, dtype=dtype), mamba_params(mcfg)
+    tcfg = match_mamba(mcfg)
+    return TransformerLM(tcfg, device=device, dtype=dtype), transformer_params(tcfg)
+
+
+def hidden_states(model, ids, caches=None):
+    """(B, L, D) normalised hidden states before the head, for either model."""
+    if isinstance(model, MambaLMHeadModel):
+        return model.backbone(ids, caches)
+    return model.hidden_states(ids, caches)
+
+
+def chunked_lm_loss(model, x, y, V: int, chunk_tokens: int = 8192):
+    """Mean cross-entropy with the head computed `chunk_tokens` at a time under checkpointing.
+
+    Same value and gradient as ``F.cross_entropy(model(x)[..., :V], y)``; only one
+    chunk's logits live at a time.
+    """
+    h = hidden_states(model, x).flatten(0, 1)  # (B L, D)
+    targets = y.flatten()
+    weight = model.lm_head.weight
+
+    def piece(h_chunk, t_chunk):
+        logits = F.linear(h_chunk, weight)[:, :V].float()
+        return F.cross_entropy(logits, t_chunk, reduction="sum")
+
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_tokens):
+        sl = slice(start, start + chunk_tokens)
+        total = total + checkpoint(piece, h[sl], targets[sl], use_reentrant=False)
+    return total / targets.numel()
+
+
+# --------------------------------------------------------------------------- 1. training
+
+
+def bench_train(name, mcfg, lengths, tokens_per_step, device, timer, warmup, repeats, log) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    model, n_params = build(name, mcfg, device)
+    opt = make_optimizer(model, TrainConfig(lr=1e-4, max_steps=10, warmup_steps=0))
+    amp = device.type == "cuda"
+    V = mcfg.vocab_size
+    for L in lengths:
+        B = tokens_per_step // L
+        row = {"section": "train", "model": name, "params": n_params, "L": L, "batch": B, "tokens_per_step": B * L}
+        if B < 1:
+            row.update(status="skipped", error=f"tokens_per_step {tokens_per_step} < L")
+            rows.append(row)
+            continue
+        x = torch.randint(0, V, (B, L), device=device)
+        y = torch.randint(0, V, (B, L), device=device)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = chunked_lm_loss(model, x, y, V)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        reset_memory(device)
+        try:
+            times = timer(step, warmup, repeats)
+            med = statistics.median(times)
+            row.update(status="ok", step_s=med, tokens_per_s=B * L / med, peak_gib=peak_gib(device),
+                       times_s=times)
+        except RuntimeError as err:
+            if not is_oom(err):
+                raise
+            row.update(status="OOM", error=str(err).splitlines()[0][:200], peak_gib=peak_gib(device))
+        opt.zero_grad(set_to_none=True)
+        x = y = None
+        reset_memory(device)
+        log(row)
+        rows.append(row)
+    del model, opt
+    reset_memory(device)
+    return rows
+
+
+# --------------------------------------------------------------------------- 2. generation
+
+
+@torch.no_grad()
+def greedy_generate(model, prompt: torch.Tensor, new_tokens: int, V: int, max_seqlen: int):
+    """Prefill then `new_tokens` greedy steps, the same loop for both models; returns (ids, caches)."""
+    B = prompt.shape[0]
+    caches = (model.allocate_cache(B) if isinstance(model, MambaLMHeadModel)
+              else model.allocate_cache(B, max_seqlen=max_seqlen))
+    h = hidden_states(model, prompt, caches)[:, -1]  # (B, D): only the last position needs logits
+    token = model.lm_head(h)[:, :V].argmax(-1)
+    out = [token]
+    for _ in range(new_tokens - 1):
+        token = model.step(token, caches)[:, :V].argmax(-1)
+        out.append(token)
+    return torch.stack(out, 1), caches
+
+
+def state_bytes(caches) -> int:
+    return sum(c.nbytes() for c in caches)
+
+
+def bench_gen(name, mcfg, batches, prompt_len, new_tokens, device, timer, warmup, repeats, log) -> list[dict]:
+    rows = []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model, n_params = build(name, mcfg, device, dtype)
+    model.eval()
+    V = mcfg.vocab_size
+    for B in batches:
+        row = {"section": "gen", "model": name, "params": n_params, "batch": B, "prompt": prompt_len,
+               "new_tokens": new_tokens, "dtype": str(dtype).replace("torch.", "")}
+        prompt = torch.randint(0, V, (B, prompt_len), device=device)
+        reset_memory(device)
+        try:
+            full = timer(lambda: greedy_generate(model, prompt, new_tokens, V, prompt_len + new_tokens), warmup, repeats)
+            first = timer(lambda: greedy_generate(model, prompt, 1, V, prompt_len + 1), 0, repeats)
+            _, caches = greedy_generate(model, prompt, new_tokens, V, prompt_len + new_tokens)
+            t_full, t_first = statistics.median(full), statistics.median(first)
+            row.update(status="ok", total_s=t_full, prefill_s=t_first, tokens_per_s=B * new_tokens / t_full,
+                       decode_tokens_per_s=B * (new_tokens - 1) / max(t_full - t_first, 1e-9),
+                       state_gib=state_bytes(caches) / 2**30, peak_gib=peak_gib(device))
+            del caches
+        except RuntimeError as err:
+            if not is_oom(err):
+                raise
+            row.update(status="OOM", error=str(err).splitlines()[0][:200])
+        prompt = None
+        reset_memory(device)
+        log(row)
+        rows.append(row)
+    del model
+    reset_memory(device)
+    return rows
+
+
+# --------------------------------------------------------------------------- 3. memory against context
+
+
+def bench_memory(name, mcfg, lengths, device, log) -> list[dict]:
+    rows = []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    V = mcfg.vocab_size
+    torch.manual_seed(0)
+    model, n_params = build(name, mcfg, device, dtype)
+    model.eval()
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    for L in lengths:
+        row = {"section": "memory", "model": name, "params": n_params, "L": L, "batch": 1, "weights_gib": weights_gib}
+        ids = torch.randint(0, V, (1, L), device=device)
+        reset_memory(device)
+        try:
+            _, caches = greedy_generate(model, ids, 2, V, L + 2)
+            row.update(status="ok", state_gib=state_bytes(caches) / 2**30, infer_peak_gib=peak_gib(device))
+            del caches
+        except RuntimeError as err:
+            if not is_oom(err):
+                raise
+            row.update(status="OOM", error=str(err).splitlines()[0][:200])
+        reset_memory(device)
+        log(row)
+        rows.append(row)
+    del model
+    reset_memory(device)
+    # training at batch 1: activations grow with L
+    model, _ = build(name, mcfg, device)
+    for row in rows:
+        L = row["L"]
+        x = torch.randint(0, V, (1, L), device=device)
+        reset_memory(device)
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = chunked_lm_loss(model, x, x, V)
+            loss.backward()
+            row["train_peak_gib"] = peak_gib(device)
+        except RuntimeError as err:
+            if not is_oom(err):
+                raise
+            row["train_peak_gib"] = "OOM"
+        model.zero_grad(set_to_none=True)
+        loss = None
+        reset_memory(device)
+    del model
+    reset_memory(device)
+    return rows
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def load_rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def merge(old: list[dict], new: list[dict], keys: tuple) -> list[dict]:
+    """Rows of `new` replace rows of `old` with the same key values."""
+    index = {tuple(r.get(k) for k in keys): r for r in old}
+    for r in new:
+        index[tuple(r.get(k) for k in keys)] = r
+    return sorted(index.values(), key=lambda r: tuple(str(r.get(k)) for k in keys))
+
+
+def fmt(v, spec=".3g") -> str:
+    if v is None:
+        return "-"
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def ratio(rows, x_key, value_key, x) -> Optional[float]:
+    m = next((r for r in rows if r["model"] == "mamba" and r.get(x_key) == x and r.get("status") == "ok"), None)
+    t = next((r for r in rows if r["model"] == "transformer" and r.get(x_key) == x and r.get("status") == "ok"), None)
+    return m[value_key] / t[value_key] if m and t else None
+
+
+def markdown(train_rows, gen_rows, mem_rows, meta) -> str:
+    lines = [f"Device: {meta['device_name']}; torch {meta['torch']}; Mamba config {meta['mamba_config']}; "
+             f"params: {meta['params']}", ""]
+    if train_rows:
+        lines += ["| model | L | batch | tokens/s | step (ms) | peak memory (GiB) | status |", "|---|---|---|---|---|---|---|"]
+        for r in train_rows:
+            lines.append(f"| {r['model']} | {r['L']} | {r['batch']} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
+                         f"{fmt(r['step_s'] * 1e3 if r.get('step_s') else None, '.1f')} | {fmt(r.get('peak_gib'), '.2f')} | {r['status']} |")
+        for L in sorted({r["L"] for r in train_rows}):
+            q = ratio(train_rows, "L", "tokens_per_s", L)
+            if q:
+                lines.append(f"\nTraining throughput Mamba / Transformer at L = {L}: {q:.2f}x")
+        lines.append("")
+    if gen_rows:
+        lines += ["| model | batch | tokens/s (prefill + decode) | decode tokens/s | prefill (ms) | state (GiB) | peak (GiB) | status |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in gen_rows:
+            lines.append(f"| {r['model']} | {r['batch']} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
+                         f"{fmt(r.get('decode_tokens_per_s'), ',.0f')} | {fmt(r['prefill_s'] * 1e3 if r.get('prefill_s') else None, '.1f')} | "
+                         f"{fmt(r.get('state_gib'), '.4f')} | {fmt(r.get('peak_gib'), '.2f')} | {r['status']} |")
+        for B in sorted({r["batch"] for r in gen_rows}):
+            q = ratio(gen_rows, "batch", "tokens_per_s", B)
+            if q:
+                lines.append(f"\nGeneration throughput Mamba / Transformer at batch {B}: {q:.2f}x")
+        lines.append("")
+    if mem_rows:
+        lines += ["| model | L | inference state (GiB) | prefill peak (GiB) | training peak, batch 1 (GiB) |", "|---|---|---|---|---|"]
+        for r in mem_rows:
+            lines.append(f"| {r['model']} | {r['L']} | {fmt(r.get('state_gib'), '.4f')} | {fmt(r.get('infer_peak_gib'), '.2f')} | "
+                         f"{fmt(r.get('train_peak_gib'), '.2f')} |")
+        for name in MODELS:
+            slope = loglog_slope([(r["L"], r.get("train_peak_gib")) for r in mem_rows if r["model"] == name])
+            if slope is not None:
+                lines.append(f"\n{name}: training memory at batch 1 grows as L^{slope:.2f} (log-log slope over the larger half of L)")
+    return "\n".join(lines) + "\n"
+
+
+def loglog_slope(points) -> Optional[float]:
+    """Slope of log(value) against log(L) over the larger half of the L (where activations dominate weights)."""
+    pts = sorted((L, v) for L, v in points if isinstance(v, (int, float)) and v > 0)
+    pts = pts[len(pts) // 2 - (1 if len(pts) % 2 == 0 and len(pts) > 2 else 0):] if len(pts) > 2 else pts
+    if len(pts) < 2:
+        return None
+    xs, ys = [math.log(L) for L, _ in pts], [math.log(v) for _, v in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else None
+
+
+def plot(out: Path, train_rows, gen_rows, mem_rows, device_name: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        paths.append(out / name)
+
+    def series(rows, x, y, model):
+        pts = [(r[x], r[y]) for r in rows if r["model"] == model and isinstance(r.get(y), (int, float))]
+        return zip(*pts) if pts else ((), ())
+
+    if train_rows:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for name in MODELS:
+            axes[0].plot(*series(train_rows, "L", "tokens_per_s", name), "o-", label=name)
+            axes[1].plot(*series(train_rows, "L", "peak_gib", name), "o-", label=name)
+            for r in train_rows:
+                if r["model"] == name and r["status"] == "OOM":
+                    axes[0].annotate("OOM", (r["L"], 0), color="C0" if name == "mamba" else "C1")
+        axes[0].set(xscale="log", xlabel="sequence length L (B x L constant)", ylabel="training tokens/s",
+                    title=f"training throughput ({device_name})")
+        axes[1].set(xscale="log", xlabel="sequence length L (B x L constant)", ylabel="peak memory (GiB)",
+                    title="training peak memory")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend()
+        save(fig, "train_speed.png")
+    if gen_rows:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for name in MODELS:
+            ax.plot(*series(gen_rows, "batch", "tokens_per_s", name), "o-", label=name)
+        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="generated tokens/s",
+               title=f"generation throughput ({device_name})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(fig, "gen_throughput.png")
+    if mem_rows:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for name in MODELS:
+            axes[0].plot(*series(mem_rows, "L", "state_gib", name), "o-", label=name)
+            axes[1].plot(*series(mem_rows, "L", "train_peak_gib", name), "o-", label=name)
+        axes[0].set(xscale="log", yscale="log", xlabel="context length L", ylabel="inference state (GiB)",
+                    title="generation state after L tokens (batch 1)")
+        axes[1].set(xscale="log", yscale="log", xlabel="sequence length L", ylabel="peak memory (GiB)",
+                    title="training step at batch 1")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend()
+        save(fig, "memory_vs_context.png")
+    return paths
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny models and sizes on CPU (a smoke test, seconds)")
+    p.add_argument("--sections", nargs="+", choices=["train", "gen", "memory"], default=["train", "gen", "memory"])
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--size", default="130m", help="Mamba preset (the Transformer is matched to it)")
+    p.add_argument("--vocab-size", type=int, default=50277, help="V (GPT-NeoX tokenizer: 50277)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536], help="training L")
+    p.add_argument("--tokens-per-step", type=int, default=65536, help="B x L of each training step")
+    p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--prompt-len", type=int, default=2048)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--mem-lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.vocab_size = "tiny", 256
+        args.lengths, args.tokens_per_step = [32, 64, 128], 256
+        args.gen_batches, args.prompt_len, args.new_tokens = [1, 4], 32, 8
+        args.mem_lengths, args.warmup, args.repeats = [32, 64, 128], 1, 2
+        if args.device == "auto":
+            args.device = "cpu"
+        if args.out == str(DEFAULT_OUT):
+            args.out = str(DEFAULT_OUT / "quick")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    mcfg = preset(args.size, vocab_size=args.vocab_size)
+    tcfg = match_mamba(mcfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+            "torch": torch.__version__, "mamba_config": f"{args.size} (n_layer {mcfg.n_layer}, d_model {mcfg.d_model})",
+            "transformer_config": tcfg.to_dict(),
+            "params": {"mamba": mamba_params(mcfg), "transformer": transformer_params(tcfg)}, "quick": args.quick}
+    timer = Timer(device)
+
+    def log(row):
+        keep = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items() if k != "times_s"}
+        print(json.dumps(keep), flush=True)
+
+    keys = {"train": ("model", "L"), "gen": ("model", "batch"), "memory": ("model", "L")}
+    for section in args.sections:
+        new = []
+        for name in args.models:
+            if section == "train":
+                new += bench_train(name, mcfg, args.lengths, args.tokens_per_step, device, timer, args.warmup, args.repeats, log)
+            elif section == "gen":
+                new += bench_gen(name, mcfg, args.gen_batches, args.prompt_len, args.new_tokens, device, timer,
+                                 args.warmup, args.repeats, log)
+            else:
+                new += bench_memory(name, mcfg, args.mem_lengths, device, log)
+        path = out / f"bench_{section}.json"
+        rows = merge(load_rows(path), new, keys[section])
+        atomic_write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", path)
+    all_rows = {s: load_rows(out / f"bench_{s}.json") for s in keys}
+    table = markdown(all_rows["train"], all_rows["gen"], all_rows["memory"], meta)
+    atomic_write_text(table, out / "bench_speed.md")
+    paths = plot(out, all_rows["train"], all_rows["gen"], all_rows["memory"], meta["device_name"])
+    print(table)
+    print("wrote", ", ".join(str(p) for p in [out / "bench_speed.md", *paths]))
+    return all_rows
+
+
+if __name__ == "__main__":
+    main()
