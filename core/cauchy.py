@@ -17,9 +17,11 @@ Two implementations with one signature each:
   They materialize an ``(..., N, L)`` complex tensor (and autograd keeps it for
   the backward pass): O(N L) memory per channel.
 * ``cauchy`` / ``vandermonde``: the memory-lean path. The length axis is cut
-  into chunks of ``chunk`` positions, so at most ``(..., N, chunk)`` lives at
-  once, and a custom autograd function recomputes the chunks in the backward
-  pass instead of storing them: O(N + L) memory per channel.
+  into chunks; per chunk the ``(M, N, chunk)`` matrix of nodes (M = the
+  channels of w) is built once and contracted with every v by a batched
+  matrix product, and a custom autograd function recomputes the chunks in the
+  backward pass instead of storing them: O(N + L) memory per channel, and the
+  division (or exponential) is done once per node, not once per v.
 
 Shapes: v, w, a are ``(..., N)`` (broadcastable against each other), z is
 ``(L,)``; outputs are ``(..., L)``. Inputs are complex64 or complex128
@@ -31,10 +33,11 @@ f, the backward maps an output gradient g to ``g * conj(f'(x))``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-DEFAULT_CHUNK = 1024  # positions per chunk: (..., N, 1024) complex at a time
 
 
 def _complex(x: Tensor, name: str) -> Tensor:
@@ -72,13 +75,13 @@ def _check_vandermonde(v: Tensor, a: Tensor, L: int) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------- references
 
 
-def cauchy_ref(v: Tensor, z: Tensor, w: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
+def cauchy_ref(v: Tensor, z: Tensor, w: Tensor, chunk: Optional[int] = None) -> Tensor:
     """sum_n v_n / (z_l - w_n), materializing the (..., N, L) matrix. `chunk` is ignored."""
     v, z, w = _check_cauchy(v, z, w)
     return (v.unsqueeze(-1) / (z - w.unsqueeze(-1))).sum(dim=-2)  # (..., N, L) -> (..., L)
 
 
-def vandermonde_ref(v: Tensor, a: Tensor, L: int, chunk: int = DEFAULT_CHUNK) -> Tensor:
+def vandermonde_ref(v: Tensor, a: Tensor, L: int, chunk: Optional[int] = None) -> Tensor:
     """sum_n v_n exp(l a_n) for l < L, materializing the (..., N, L) matrix. `chunk` is ignored."""
     v, a = _check_vandermonde(v, a, L)
     ell = torch.arange(L, device=a.device, dtype=a.real.dtype)
@@ -86,6 +89,23 @@ def vandermonde_ref(v: Tensor, a: Tensor, L: int, chunk: int = DEFAULT_CHUNK) ->
 
 
 # ----------------------------------------------------------------------------- lean paths
+#
+# Layout: v is viewed as (K, M, N) and w (or a) as (M, N), where M collects the
+# batch dims that w has (H channels) and K the extra leading dims of v only (the
+# several vectors that share one set of nodes, e.g. S4's four products). The
+# (M, N, chunk) matrix 1/(z - w) (or exp(l a)) is built once per chunk and
+# contracted with v by a batched matrix product: no (K, M, N, L) tensor exists.
+
+
+def _layout(v: Tensor, w: Tensor) -> tuple[Tensor, Tensor, torch.Size]:
+    """(v3 (K, M, N), w2 (M, N), batch shape of the result)."""
+    batch = torch.broadcast_shapes(v.shape[:-1], w.shape[:-1])
+    nw = w.dim() - 1
+    wb = batch[len(batch) - nw :] if nw else torch.Size()
+    N = v.shape[-1]
+    v3 = v.expand(batch + (N,)).reshape(-1, max(1, _numel(wb)), N)
+    w2 = w.expand(wb + (N,)).reshape(-1, N)
+    return v3, w2, batch
 
 
 def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -98,88 +118,105 @@ def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
     return grad
 
 
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _auto_chunk(chunk, M: int, N: int, L: int) -> int:
+    if chunk is not None:
+        return chunk
+    return max(16, min(max(L, 1), (1 << 22) // max(1, M * N)))  # about 4M complex numbers per chunk
+
+
 class _CauchyChunked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v: Tensor, z: Tensor, w: Tensor, chunk: int) -> Tensor:
-        batch = torch.broadcast_shapes(v.shape[:-1], w.shape[:-1])
-        out = torch.empty(batch + z.shape, dtype=v.dtype, device=v.device)
-        vv, ww = v.unsqueeze(-1), w.unsqueeze(-1)  # (..., N, 1)
-        for s in range(0, z.shape[0], chunk):
-            out[..., s : s + chunk] = (vv / (z[s : s + chunk] - ww)).sum(-2)
+    def forward(ctx, v: Tensor, z: Tensor, w: Tensor, chunk) -> Tensor:
+        v3, w2, batch = _layout(v, w)
+        c = _auto_chunk(chunk, w2.shape[0], w2.shape[1], z.shape[0])
+        out = torch.empty(v3.shape[:2] + z.shape, dtype=v.dtype, device=v.device)  # (K, M, L)
+        for s in range(0, z.shape[0], c):
+            r = 1.0 / (z[s : s + c] - w2.unsqueeze(-1))  # (M, N, c)
+            out[..., s : s + c] = torch.einsum("kmn,mnc->kmc", v3, r)
         ctx.save_for_backward(v, z, w)
-        ctx.chunk = chunk
-        return out
+        ctx.chunk = c
+        return out.reshape(batch + z.shape)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         v, z, w = ctx.saved_tensors
-        chunk = ctx.chunk
+        v3, w2, batch = _layout(v, w)
+        g3 = g.reshape(v3.shape[:2] + z.shape)  # (K, M, L)
         need_v, need_z, need_w = ctx.needs_input_grad[:3]
-        vv, ww = v.unsqueeze(-1), w.unsqueeze(-1)
-        batch = g.shape[:-1]
-        gv = torch.zeros(batch + v.shape[-1:], dtype=v.dtype, device=v.device) if need_v else None
-        gw = torch.zeros(batch + w.shape[-1:], dtype=v.dtype, device=v.device) if need_w else None
+        gv = torch.zeros_like(v3) if need_v else None
+        gt = torch.zeros_like(v3) if need_w else None  # sum_l g conj(r^2), times conj(v) below
         gz = torch.empty_like(z) if need_z else None
-        for s in range(0, z.shape[0], chunk):
-            r = 1.0 / (z[s : s + chunk] - ww)  # (..., N, c)
-            gc = g[..., s : s + chunk].unsqueeze(-2)  # (..., 1, c)
-            if need_v:  # d/dv_n = r
-                gv += (gc * r.conj()).sum(-1)
+        for s in range(0, z.shape[0], ctx.chunk):
+            r = 1.0 / (z[s : s + ctx.chunk] - w2.unsqueeze(-1))  # (M, N, c)
+            gc = g3[..., s : s + ctx.chunk]
+            if need_v:  # d out_l / d v_n = r_nl
+                gv += torch.einsum("kmc,mnc->kmn", gc, r.conj())
             if need_w or need_z:
-                r2 = (vv * r * r).conj()  # d/dw_n = v_n r^2 = -d/dz_l
-                if need_w:
-                    gw += (gc * r2).sum(-1)
-                if need_z:
-                    gz[s : s + chunk] = -(gc * r2).sum(-2).reshape(-1, r2.shape[-1]).sum(0)
-        gv = _reduce_to(gv, v.shape) if need_v else None
-        gw = _reduce_to(gw, w.shape) if need_w else None
+                t = torch.einsum("kmc,mnc->kmn", gc, (r * r).conj()) if need_w else None
+                if need_w:  # d out_l / d w_n = v_n r_nl^2
+                    gt += t
+                if need_z:  # d out_l / d z_l = -sum_n v_n r_nl^2
+                    gz[s : s + ctx.chunk] = -torch.einsum("kmc,kmn,mnc->c", gc, v3.conj(), (r * r).conj())
+        gv = _reduce_to(gv.reshape(batch + v.shape[-1:]), v.shape) if need_v else None
+        gw = _reduce_to((v3.conj() * gt).reshape(batch + w.shape[-1:]), w.shape) if need_w else None
         return gv, gz, gw, None
 
 
 class _VandermondeChunked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v: Tensor, a: Tensor, L: int, chunk: int) -> Tensor:
-        batch = torch.broadcast_shapes(v.shape[:-1], a.shape[:-1])
-        out = torch.empty(batch + (L,), dtype=v.dtype, device=v.device)
-        vv, aa = v.unsqueeze(-1), a.unsqueeze(-1)
-        for s in range(0, L, chunk):
-            ell = torch.arange(s, min(s + chunk, L), device=a.device, dtype=a.real.dtype)
-            out[..., s : s + chunk] = (vv * torch.exp(aa * ell)).sum(-2)
+    def forward(ctx, v: Tensor, a: Tensor, L: int, chunk) -> Tensor:
+        v3, a2, batch = _layout(v, a)
+        c = _auto_chunk(chunk, a2.shape[0], a2.shape[1], L)
+        out = torch.empty(v3.shape[:2] + (L,), dtype=v.dtype, device=v.device)
+        for s in range(0, L, c):
+            ell = torch.arange(s, min(s + c, L), device=a.device, dtype=a.real.dtype)
+            out[..., s : s + c] = torch.einsum("kmn,mnc->kmc", v3, torch.exp(a2.unsqueeze(-1) * ell))
         ctx.save_for_backward(v, a)
-        ctx.L, ctx.chunk = L, chunk
-        return out
+        ctx.L, ctx.chunk = L, c
+        return out.reshape(batch + (L,))
 
     @staticmethod
     def backward(ctx, g: Tensor):
         v, a = ctx.saved_tensors
-        L, chunk = ctx.L, ctx.chunk
+        L, c = ctx.L, ctx.chunk
+        v3, a2, batch = _layout(v, a)
+        g3 = g.reshape(v3.shape[:2] + (L,))
         need_v, need_a = ctx.needs_input_grad[:2]
-        vv, aa = v.unsqueeze(-1), a.unsqueeze(-1)
-        batch = g.shape[:-1]
-        gv = torch.zeros(batch + v.shape[-1:], dtype=v.dtype, device=v.device)
-        ga = torch.zeros(batch + a.shape[-1:], dtype=v.dtype, device=v.device)
-        for s in range(0, L, chunk):
-            ell = torch.arange(s, min(s + chunk, L), device=a.device, dtype=a.real.dtype)
-            e = torch.exp(aa * ell)  # (..., N, c)
-            gc = g[..., s : s + chunk].unsqueeze(-2)
-            if need_v:  # d/dv_n = e
-                gv += (gc * e.conj()).sum(-1)
-            if need_a:  # d/da_n = v_n l e
-                ga += (gc * (vv * ell * e).conj()).sum(-1)
-        return (_reduce_to(gv, v.shape) if need_v else None), (_reduce_to(ga, a.shape) if need_a else None), None, None
+        gv, gt = torch.zeros_like(v3), torch.zeros_like(v3)
+        for s in range(0, L, c):
+            ell = torch.arange(s, min(s + c, L), device=a.device, dtype=a.real.dtype)
+            e = torch.exp(a2.unsqueeze(-1) * ell)  # (M, N, c)
+            gc = g3[..., s : s + c]
+            if need_v:  # d out_l / d v_n = e_nl
+                gv += torch.einsum("kmc,mnc->kmn", gc, e.conj())
+            if need_a:  # d out_l / d a_n = v_n l e_nl
+                gt += torch.einsum("kmc,mnc->kmn", gc, (ell * e).conj())
+        gv = _reduce_to(gv.reshape(batch + v.shape[-1:]), v.shape) if need_v else None
+        ga = _reduce_to((v3.conj() * gt).reshape(batch + a.shape[-1:]), a.shape) if need_a else None
+        return gv, ga, None, None
 
 
-def cauchy(v: Tensor, z: Tensor, w: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """sum_n v_n / (z_l - w_n) with at most (..., N, chunk) in memory, forward and backward."""
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+def _check_chunk(chunk) -> None:
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be None (automatic) or a positive int, got {chunk!r}")
+
+
+def cauchy(v: Tensor, z: Tensor, w: Tensor, chunk: Optional[int] = None) -> Tensor:
+    """sum_n v_n / (z_l - w_n) holding one (M, N, chunk) block at a time, forward and backward."""
+    _check_chunk(chunk)
     v, z, w = _check_cauchy(v, z, w)
     return _CauchyChunked.apply(v, z, w, chunk)
 
 
-def vandermonde(v: Tensor, a: Tensor, L: int, chunk: int = DEFAULT_CHUNK) -> Tensor:
-    """sum_n v_n exp(l a_n) for l < L with at most (..., N, chunk) in memory, forward and backward."""
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+def vandermonde(v: Tensor, a: Tensor, L: int, chunk: Optional[int] = None) -> Tensor:
+    """sum_n v_n exp(l a_n) for l < L holding one (M, N, chunk) block at a time, forward and backward."""
+    _check_chunk(chunk)
     v, a = _check_vandermonde(v, a, L)
     return _VandermondeChunked.apply(v, a, L, chunk)

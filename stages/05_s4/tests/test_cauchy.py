@@ -84,7 +84,7 @@ def test_bad_inputs_raise():
         cauchy(v, torch.ones(2, 2), v)
     with pytest.raises(ValueError, match="state size"):
         cauchy(v, torch.ones(2), torch.ones(4))
-    with pytest.raises(ValueError, match="chunk"):
+    with pytest.raises(ValueError, match="chunk must be"):
         vandermonde(v, v, 4, chunk=0)
     with pytest.raises(TypeError, match="v must be"):
         cauchy([1.0], torch.ones(2), v)
