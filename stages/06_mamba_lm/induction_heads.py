@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 
 from synthetic_common import (accuracy_at, add_common_args, build_model, fill_defaults, plot_accuracy,
-                              powers_of_two, save_results, train_model)
+                              powers_of_two, samples_for, save_results, train_model)
 from ssmlab.core.training import GeneratedBatches, TrainConfig
 from ssmlab.datasets.synthetic import induction_heads
 
-HERE = Path(__file__).resolve().parent
 PRESETS = {
     "cpu": dict(vocab=16, train_len=64, min_test=2**5, max_test=2**12, d_model=64, n_layer=2, steps=1000,
                 batch_size=32, lr=3e-3, eval_samples=256),
@@ -46,10 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-test", type=int, help="shortest test length (a power of two)")
     p.add_argument("--max-test", type=int, help="longest test length (a power of two)")
     add_common_args(p)
-    args = fill_defaults(p.parse_args(argv), PRESETS)
-    if args.out is None:
-        args.out = HERE / "results"
-    return args
+    return fill_defaults(p.parse_args(argv), PRESETS)
 
 
 def main(argv=None) -> int:
@@ -69,24 +65,25 @@ def main(argv=None) -> int:
             return {"val_acc": accuracy_at(m, lambda b, g: _make(b, generator=g), args.train_len, 256,
                                            args.eval_tokens, args.device, None, seed=10**6)}
 
-        summary = train_model(model, data, args, args.out / "runs" / f"{name}_{kind}", eval_fn=eval_fn)
+        summary = train_model(model, data, args, args.runs / f"{name}_{kind}", eval_fn=eval_fn)
         if not summary["finished"]:
             print(f"[{kind}] stopped at step {summary['steps_done']}/{args.steps} (time limit); rerun to resume")
             unfinished = True
             continue
-        acc = {}
+        acc, n_test = {}, {}
         for L in powers_of_two(args.min_test, args.max_test):
             gen = partial(induction_heads, seq_len=L, vocab_size=args.vocab)
-            acc[L] = accuracy_at(model, lambda b, g, _gen=gen: _gen(b, generator=g), L, args.eval_samples,
+            n_test[L] = samples_for(L, args)
+            acc[L] = accuracy_at(model, lambda b, g, _gen=gen: _gen(b, generator=g), L, n_test[L],
                                  args.eval_tokens, args.device, autocast, args.seed)
             print(f"[{kind}] test length {L}: accuracy {100 * acc[L]:.2f}%")
-        results["models"][kind] = {"params": model.num_parameters(), **summary, "accuracy": acc}
+        results["models"][kind] = {"params": model.num_parameters(), **summary, "accuracy": acc, "test_examples": n_test}
     if unfinished:
         return EXIT_UNFINISHED
-    path = save_results(args.out, name, results)
-    curves = {k: v["accuracy"] for k, v in results["models"].items()}
+    results = save_results(args.out, name, results)
+    curves = {k: {int(n): a for n, a in v["accuracy"].items()} for k, v in results["models"].items()}
     png = plot_accuracy(args.out, name, curves, f"Induction heads ({args.preset}: V={args.vocab})", args.train_len)
-    print(f"wrote {path} and {png}")
+    print(f"wrote {png}")
     return 0
 
 

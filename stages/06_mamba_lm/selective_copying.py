@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 from synthetic_common import (accuracy_at, add_common_args, build_model, fill_defaults, plot_accuracy,
-                              save_results, train_model)
+                              samples_for, save_results, train_model)
 from ssmlab.core.training import EpochBatches, GeneratedBatches, TrainConfig
 from ssmlab.datasets.synthetic import selective_copying
 
-HERE = Path(__file__).resolve().parent
 PRESETS = {
     "cpu": dict(vocab=16, n_tokens=8, train_len=64, test_lens="32,64,128,256", train_samples=0, d_model=64,
                 n_layer=2, steps=1200, batch_size=32, lr=3e-3, eval_samples=256),
@@ -50,10 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-lens", help="comma-separated context lengths to test at")
     p.add_argument("--train-samples", type=int, help="size of a fixed training set (0: fresh examples every batch)")
     add_common_args(p)
-    args = fill_defaults(p.parse_args(argv), PRESETS)
-    if args.out is None:
-        args.out = HERE / "results"
-    return args
+    return fill_defaults(p.parse_args(argv), PRESETS)
 
 
 def main(argv=None) -> int:
@@ -78,25 +74,26 @@ def main(argv=None) -> int:
             return {"val_acc": accuracy_at(m, lambda b, g: _make(b, generator=g), args.train_len, 128,
                                            args.eval_tokens, args.device, None, seed=10**6)}
 
-        summary = train_model(model, data, args, args.out / "runs" / f"{name}_{kind}", eval_fn=eval_fn)
+        summary = train_model(model, data, args, args.runs / f"{name}_{kind}", eval_fn=eval_fn)
         if not summary["finished"]:
             print(f"[{kind}] stopped at step {summary['steps_done']}/{args.steps} (time limit); rerun to resume")
             unfinished = True
             continue
-        acc = {}
+        acc, n_test = {}, {}
         for L in test_lens:
             gen = partial(selective_copying, seq_len=L, n_tokens=args.n_tokens, vocab_size=args.vocab)
+            n_test[L] = samples_for(L + args.n_tokens, args)
             acc[L] = accuracy_at(model, lambda b, g, _gen=gen: _gen(b, generator=g), L + args.n_tokens,
-                                 args.eval_samples, args.eval_tokens, args.device, autocast, args.seed)
+                                 n_test[L], args.eval_tokens, args.device, autocast, args.seed)
             print(f"[{kind}] test context {L}: accuracy {100 * acc[L]:.2f}%")
-        results["models"][kind] = {"params": model.num_parameters(), **summary, "accuracy": acc}
+        results["models"][kind] = {"params": model.num_parameters(), **summary, "accuracy": acc, "test_examples": n_test}
     if unfinished:
         return EXIT_UNFINISHED
-    path = save_results(args.out, name, results)
-    curves = {k: v["accuracy"] for k, v in results["models"].items()}
+    results = save_results(args.out, name, results)
+    curves = {k: {int(n): a for n, a in v["accuracy"].items()} for k, v in results["models"].items()}
     title = f"Selective copying ({args.preset}: V={args.vocab}, {args.n_tokens} tokens)"
     png = plot_accuracy(args.out, name, curves, title, args.train_len)
-    print(f"wrote {path} and {png}")
+    print(f"wrote {png}")
     return 0
 
 

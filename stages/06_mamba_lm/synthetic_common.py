@@ -41,13 +41,17 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, help="warmup steps (default: 5%% of steps)")
     p.add_argument("--eval-samples", type=int, help="test examples per length")
     p.add_argument("--eval-tokens", type=int, default=2**18, help="max tokens per evaluation forward pass")
+    p.add_argument("--eval-budget", type=int, default=2**26,
+                   help="max test tokens per length: long lengths get fewer examples (at least 32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on CUDA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--time-limit-min", type=float, default=0.0,
                    help="stop training (checkpointed) after this many minutes; rerun the command to resume")
-    p.add_argument("--out", type=Path, help="output folder (JSON, PNG, checkpoints)")
+    p.add_argument("--out", type=Path, help="output folder for JSON and PNG (default: the stage's results/)")
+    p.add_argument("--runs", type=Path, help="folder for checkpoints and JSON logs (default: <repo>/runs/06_mamba_lm, "
+                                             "git-ignored; <out>/runs when --out is given)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
@@ -58,6 +62,12 @@ def fill_defaults(args: argparse.Namespace, presets: dict) -> argparse.Namespace
             setattr(args, key, value)
     if args.warmup is None:
         args.warmup = max(1, args.steps // 20)
+    args._t_start = time.perf_counter()
+    stage = Path(__file__).resolve().parent
+    if args.runs is None:
+        args.runs = args.out / "runs" if args.out is not None else stage.parents[1] / "runs" / stage.name
+    if args.out is None:
+        args.out = stage / "results"
     return args
 
 
@@ -112,11 +122,18 @@ class _null:
         return False
 
 
+def time_left_s(args: argparse.Namespace) -> float:
+    """Seconds left of --time-limit-min (counted from the script's start, across all its models); 0: no limit."""
+    if not args.time_limit_min:
+        return 0.0
+    return max(1e-9, 60 * args.time_limit_min - (time.perf_counter() - args._t_start))
+
+
 def train_model(model, data, args, out_dir: Path, eval_fn=None) -> dict:
     cfg = TrainConfig(lr=args.lr, max_steps=args.steps, warmup_steps=args.warmup, device=args.device,
                       precision=args.precision, seed=args.seed, log_every=max(1, args.steps // 50),
                       eval_every=args.steps // 10 if eval_fn else 0, ckpt_every=max(1, args.steps // 10),
-                      out_dir=str(out_dir), progress=not args.no_progress, time_limit_s=60 * args.time_limit_min)
+                      out_dir=str(out_dir), progress=not args.no_progress, time_limit_s=time_left_s(args))
     t0 = time.perf_counter()
     result = train(model, masked_loss, data, cfg, eval_fn=eval_fn)
     last = [h for h in result.history if h.get("kind") == "train"]
@@ -125,11 +142,17 @@ def train_model(model, data, args, out_dir: Path, eval_fn=None) -> dict:
             "autocast": str(cfg.autocast_dtype())}
 
 
-def save_results(out: Path, name: str, results: dict) -> Path:
+def save_results(out: Path, name: str, results: dict) -> dict:
+    """Write <out>/<name>.json, keeping the models of an earlier run that this run did not train; returns the merged results."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        results["models"] = {**old.get("models", {}), **results["models"]}
+    results["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in results["args"].items() if not k.startswith("_")}
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    return path
+    print(f"wrote {path}")
+    return results
 
 
 def plot_accuracy(out: Path, name: str, curves: dict[str, dict[int, float]], title: str, train_len: int) -> Path:
@@ -155,6 +178,11 @@ def plot_accuracy(out: Path, name: str, curves: dict[str, dict[int, float]], tit
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def samples_for(length: int, args: argparse.Namespace) -> int:
+    """Test examples at one length: --eval-samples, fewer for very long lengths (--eval-budget), at least 32."""
+    return max(min(32, args.eval_samples), min(args.eval_samples, args.eval_budget // length))
 
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
