@@ -227,8 +227,8 @@ def bench_gen(name, mcfg, batches, prompt_len, new_tokens, device, timer, warmup
             _, caches = greedy_generate(model, prompt, new_tokens, V, prompt_len + new_tokens)
             t_full, t_first = statistics.median(full), statistics.median(first)
             row.update(status="ok", total_s=t_full, prefill_s=t_first, tokens_per_s=B * new_tokens / t_full,
-                       decode_tokens_per_s=B * (new_tokens - 1) / max(t_full - t_first, 1e-9),
-                       state_gib=state_bytes(caches) / 2**30, peak_gib=peak_gib(device))
+                       decode_tokens_per_s=B * (new_tokens - 1) / (t_full - t_first) if t_full > t_first else None,
+                       state_mib=state_bytes(caches) / 2**20, peak_gib=peak_gib(device))
             del caches
         except RuntimeError as err:
             if not is_oom(err):
@@ -260,7 +260,7 @@ def bench_memory(name, mcfg, lengths, device, log) -> list[dict]:
         reset_memory(device)
         try:
             _, caches = greedy_generate(model, ids, 2, V, L + 2)
-            row.update(status="ok", state_gib=state_bytes(caches) / 2**30, infer_peak_gib=peak_gib(device))
+            row.update(status="ok", state_mib=state_bytes(caches) / 2**20, infer_peak_gib=peak_gib(device))
             del caches
         except RuntimeError as err:
             if not is_oom(err):
@@ -306,7 +306,10 @@ def merge(old: list[dict], new: list[dict], keys: tuple) -> list[dict]:
     index = {tuple(r.get(k) for k in keys): r for r in old}
     for r in new:
         index[tuple(r.get(k) for k in keys)] = r
-    return sorted(index.values(), key=lambda r: tuple(str(r.get(k)) for k in keys))
+    def order(r):
+        return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in (r.get(k) for k in keys))
+
+    return sorted(index.values(), key=order)
 
 
 def fmt(v, spec=".3g") -> str:
@@ -335,21 +338,21 @@ def markdown(train_rows, gen_rows, mem_rows, meta) -> str:
                 lines.append(f"\nTraining throughput Mamba / Transformer at L = {L}: {q:.2f}x")
         lines.append("")
     if gen_rows:
-        lines += ["| model | batch | tokens/s (prefill + decode) | decode tokens/s | prefill (ms) | state (GiB) | peak (GiB) | status |",
+        lines += ["| model | batch | tokens/s (prefill + decode) | decode tokens/s | prefill (ms) | state (MiB) | peak (GiB) | status |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in gen_rows:
             lines.append(f"| {r['model']} | {r['batch']} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
                          f"{fmt(r.get('decode_tokens_per_s'), ',.0f')} | {fmt(r['prefill_s'] * 1e3 if r.get('prefill_s') else None, '.1f')} | "
-                         f"{fmt(r.get('state_gib'), '.4f')} | {fmt(r.get('peak_gib'), '.2f')} | {r['status']} |")
+                         f"{fmt(r.get('state_mib'), '.3f')} | {fmt(r.get('peak_gib'), '.2f')} | {r['status']} |")
         for B in sorted({r["batch"] for r in gen_rows}):
             q = ratio(gen_rows, "batch", "tokens_per_s", B)
             if q:
                 lines.append(f"\nGeneration throughput Mamba / Transformer at batch {B}: {q:.2f}x")
         lines.append("")
     if mem_rows:
-        lines += ["| model | L | inference state (GiB) | prefill peak (GiB) | training peak, batch 1 (GiB) |", "|---|---|---|---|---|"]
+        lines += ["| model | L | inference state (MiB) | prefill peak (GiB) | training peak, batch 1 (GiB) |", "|---|---|---|---|---|"]
         for r in mem_rows:
-            lines.append(f"| {r['model']} | {r['L']} | {fmt(r.get('state_gib'), '.4f')} | {fmt(r.get('infer_peak_gib'), '.2f')} | "
+            lines.append(f"| {r['model']} | {r['L']} | {fmt(r.get('state_mib'), '.3f')} | {fmt(r.get('infer_peak_gib'), '.2f')} | "
                          f"{fmt(r.get('train_peak_gib'), '.2f')} |")
         for name in MODELS:
             slope = loglog_slope([(r["L"], r.get("train_peak_gib")) for r in mem_rows if r["model"] == name])
@@ -416,15 +419,18 @@ def plot(out: Path, train_rows, gen_rows, mem_rows, device_name: str) -> list[Pa
     if mem_rows:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for name in MODELS:
-            axes[0].plot(*series(mem_rows, "L", "state_gib", name), "o-", label=name)
+            axes[0].plot(*series(mem_rows, "L", "state_mib", name), "o-", label=name)
             axes[1].plot(*series(mem_rows, "L", "train_peak_gib", name), "o-", label=name)
-        axes[0].set(xscale="log", yscale="log", xlabel="context length L", ylabel="inference state (GiB)",
+        axes[0].set(xscale="log", xlabel="context length L", ylabel="inference state (MiB)",
                     title="generation state after L tokens (batch 1)")
-        axes[1].set(xscale="log", yscale="log", xlabel="sequence length L", ylabel="peak memory (GiB)",
-                    title="training step at batch 1")
+        axes[1].set(xscale="log", xlabel="sequence length L", ylabel="peak memory (GiB)",
+                    title="training step at batch 1" + ("" if any(isinstance(r.get("train_peak_gib"), float) for r in mem_rows)
+                                                        else " (GPU only)"))
         for ax in axes:
+            if ax.has_data():
+                ax.set_yscale("log")
+                ax.legend()
             ax.grid(alpha=0.3)
-            ax.legend()
         save(fig, "memory_vs_context.png")
     return paths
 

@@ -1,0 +1,132 @@
+"""train_lm.py and generate.py end to end in a short mode (tiny models, a generated text), plus the BPE corpus."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssmlab.datasets.bpe import SEP_ID, load_bpe_corpus, split_documents
+
+STAGE = Path(__file__).resolve().parents[1]
+ROOT = STAGE.parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage06_{name}", STAGE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+WORDS = "the king queen lord speaks to his her noble friend and heart of love death night day sword crown".split()
+
+
+def _text(n_lines: int, seed: int) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        speaker = rng.choice(["KING", "QUEEN", "LORD"])
+        lines.append(f"{speaker}:\n" + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))) + ".\n")
+    return "\n".join(lines)
+
+
+@pytest.fixture()
+def text_file(tmp_path) -> Path:
+    p = tmp_path / "play.txt"
+    p.write_text(_text(400, 0), encoding="utf-8")
+    return p
+
+
+SHORT = ["--size", "test", "--steps", "8", "--seq-len", "32", "--batch-size", "4", "--warmup", "2", "--lr", "1e-2",
+         "--eval-every", "4", "--eval-windows", "8", "--log-every", "2", "--ckpt-every", "4", "--no-progress",
+         "--device", "cpu"]
+
+
+def test_char_level_both_models_then_resume_and_generate(text_file, tmp_path, capsys):
+    train_lm, generate = _script("train_lm"), _script("generate")
+    out = tmp_path / "run"
+    results = train_lm.main(["--text", str(text_file), "--out", str(out), *SHORT])
+    assert set(results) == {"mamba", "transformer"}
+    m, t = results["mamba"], results["transformer"]
+    assert abs(t["params"] - m["params"]) <= 0.05 * m["params"]  # equal parameters
+    assert m["train_tokens"] == t["train_tokens"] == 8 * 4 * 32  # equal tokens
+    for r in results.values():
+        log = train_lm.read_log(out / r["model"] / "log.jsonl")
+        evals = [x["val_loss"] for x in log if x["kind"] == "eval"]
+        assert len(evals) == 2 and evals[-1] < evals[0] < 1.1 * torch.log(torch.tensor(float(m["corpus"]["V"]))).item()
+        assert r["val_bpc"] == pytest.approx(r["val_loss"] / 0.6931471805599453)
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    assert set(json.loads((out / "summary.json").read_text())) == {"mamba", "transformer"}
+    # the same command with more steps resumes from the checkpoint
+    more = train_lm.main(["--text", str(text_file), "--out", str(out), "--model", "mamba", *SHORT[:3], "10", *SHORT[4:]])
+    assert more["mamba"]["steps"] == 10
+    # sampling from the saved model
+    capsys.readouterr()
+    res = generate.main(["--model-dir", str(out / "mamba" / "model"), "--prompt", "KING:", "--max-new-tokens", "5",
+                         "--top-k", "3", "--num-samples", "2", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "prompt: 'KING:'" in printed and "tokens/s" in printed and "top_k=3" in printed
+    assert len(res["samples"]) == 2 and all(len(s) == 5 for s in res["samples"]) and res["tokens_per_s"] > 0
+    with pytest.raises(SystemExit, match="vocabulary"):
+        generate.main(["--model-dir", str(out / "transformer" / "model"), "--prompt", "KING@", "--device", "cpu"])
+
+
+def test_bpe_level_on_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSMLAB_DATA", str(tmp_path / "cache"))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(20):
+        (docs / f"{i:02d}.txt").write_text(_text(30, i), encoding="utf-8")
+    corpus = load_bpe_corpus(docs, vocab_size=320)
+    assert corpus.n_docs == (18, 2) and corpus.V <= 320
+    assert int((corpus.val_ids == SEP_ID).sum()) == 2 and int(corpus.val_ids[-1]) == SEP_ID  # one separator per document
+    assert corpus.decode(corpus.encode("the king speaks")) == "the king speaks"
+    again = load_bpe_corpus(docs, vocab_size=320)  # from the cache
+    assert torch.equal(again.train_ids, corpus.train_ids) and again.V == corpus.V
+    train_lm, generate = _script("train_lm"), _script("generate")
+    out = tmp_path / "bpe"
+    results = train_lm.main(["--level", "bpe", "--text", str(docs), "--vocab-size", "320", "--out", str(out), *SHORT])
+    assert {r["level"] for r in results.values()} == {"bpe"}
+    assert all(r["val_ppl"] < 320 and r["corpus"]["chars_per_token_val"] > 1 for r in results.values())
+    res = generate.main(["--model-dir", str(out / "transformer" / "model"), "--prompt", "the king", "--max-new-tokens", "4",
+                         "--greedy", "--device", "cpu"])
+    assert isinstance(res["samples"][0], str)
+
+
+def test_split_rules_and_errors(tmp_path):
+    train, val = split_documents(["abcdefghij" * 10])
+    assert train[0] + val[0] == "abcdefghij" * 10 and len(val[0]) == 10
+    train, val = split_documents([str(i) for i in range(20)])
+    assert val == ["9", "19"] and len(train) == 18
+    with pytest.raises(Exception, match="at least 10"):
+        split_documents(["a", "b"])
+    train_lm = _script("train_lm")
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--level", "char", "--text", "imdb"])
+    with pytest.raises(SystemExit):
+        train_lm.parse_args(["--steps", "0"])
+    with pytest.raises(FileNotFoundError):
+        load_bpe_corpus(tmp_path / "missing.txt", cache_root=tmp_path)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(text_file, tmp_path):
+    """train_lm.py under torchrun (2 gloo CPU processes) trains and writes one set of results."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(STAGE / "train_lm.py"), "--text", str(text_file), "--out", str(out), "--model", "transformer",
+           "--threads", "1", *SHORT]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((out / "transformer" / "result.json").read_text())
+    assert res["world_size"] == 2 and res["steps"] == 8 and res["train_tokens"] == 8 * 4 * 32
+    assert not any(p.name.startswith(".rank") for p in (out / "transformer").iterdir())
