@@ -2,7 +2,7 @@
 
 Presets (any option overrides them):
 
-  cpu    a few minutes on a CPU: train at length 64, test 2^5 .. 2^12
+  cpu    minutes on a CPU: D=32, train at length 32, test 2^5 .. 2^10
   paper  the Mamba paper's setting: V=16, train at 256, 2 layers, D=64, test
          at every power of two from 2^6 to 2^20 (run it on a GPU)
 
@@ -29,8 +29,8 @@ from ssmlab.core.training import GeneratedBatches, TrainConfig
 from ssmlab.datasets.synthetic import induction_heads
 
 PRESETS = {
-    "cpu": dict(vocab=16, train_len=64, min_test=2**5, max_test=2**12, d_model=64, n_layer=2, steps=1000,
-                batch_size=32, lr=3e-3, eval_samples=256),
+    "cpu": dict(vocab=16, train_len=32, min_test=2**5, max_test=2**10, d_model=32, n_layer=2, steps=600,
+                batch_size=32, lr=3e-3, eval_samples=128),
     "paper": dict(vocab=16, train_len=256, min_test=2**6, max_test=2**20, d_model=64, n_layer=2, steps=8000,
                   batch_size=64, lr=1e-3, eval_samples=512),
 }

@@ -2,7 +2,7 @@
 
 Presets (any option overrides them):
 
-  cpu    a few minutes on a laptop CPU: V=16, 8 tokens to copy, context 64
+  cpu    minutes on a CPU: V=16, 4 tokens to copy, context 32, D=32
   study  the smaller reference-study setting: V=30, context 64 for training,
          128 for testing, 10,000 fixed training examples
   paper  the Mamba paper's setting: V=16, 16 tokens, context 4096, 2 layers,
@@ -30,12 +30,13 @@ from ssmlab.core.training import EpochBatches, GeneratedBatches, TrainConfig
 from ssmlab.datasets.synthetic import selective_copying
 
 PRESETS = {
-    "cpu": dict(vocab=16, n_tokens=8, train_len=64, test_lens="32,64,128,256", train_samples=0, d_model=64,
-                n_layer=2, steps=1200, batch_size=32, lr=3e-3, eval_samples=256),
+    "cpu": dict(vocab=16, n_tokens=4, train_len=32, test_lens="32,64,128,256", train_samples=0, d_model=32,
+                n_layer=2, steps=800, batch_size=32, lr=3e-3, eval_samples=256, models="mamba,s4d,s4d-nogate"),
     "study": dict(vocab=30, n_tokens=16, train_len=64, test_lens="64,128,256", train_samples=10_000, d_model=64,
-                  n_layer=2, steps=3000, batch_size=64, lr=2e-3, eval_samples=1000),
+                  n_layer=2, steps=3000, batch_size=64, lr=2e-3, eval_samples=1000, models="mamba,s4d,s4d-nogate"),
     "paper": dict(vocab=16, n_tokens=16, train_len=4096, test_lens="1024,2048,4096,8192", train_samples=0,
-                  d_model=64, n_layer=2, steps=8000, batch_size=64, lr=1e-3, eval_samples=1024),
+                  d_model=64, n_layer=2, steps=8000, batch_size=64, lr=1e-3, eval_samples=1024,
+                  models="mamba,s4d,s4d-nogate"),
 }
 EXIT_UNFINISHED = 75  # training stopped by --time-limit-min: rerun the same command to resume
 

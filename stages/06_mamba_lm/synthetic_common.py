@@ -31,7 +31,7 @@ MODEL_KINDS = {
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default="mamba", help=f"comma-separated, from {sorted(MODEL_KINDS)}")
+    p.add_argument("--models", help=f"comma-separated, from {sorted(MODEL_KINDS)} (default: the preset's)")
     p.add_argument("--d-model", type=int, help="model width D")
     p.add_argument("--n-layer", type=int, help="number of blocks")
     p.add_argument("--d-state", type=int, default=16, help="SSM state size N")
@@ -57,7 +57,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 def fill_defaults(args: argparse.Namespace, presets: dict) -> argparse.Namespace:
     """Unset options take the values of the chosen preset."""
-    for key, value in presets[args.preset].items():
+    for key, value in {"models": "mamba", **presets[args.preset]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.warmup is None:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Full-size synthetic-task runs of stage 06 on one GPU (written for an H100).
+#
+# Each call runs ONE chunk of at most ~8 minutes of training (--time-limit-min 8),
+# then evaluates if training is complete. Exit status:
+#   0   done: results/<task>_<preset>.json and .png written (merged with other models' entries)
+#   75  time limit reached, checkpoint saved under runs/06_mamba_lm/: run the SAME line again to resume
+# Anything else is an error.
+#
+# Usage:  bash stages/06_mamba_lm/gpu_runs.sh <job>        (from the repository root)
+#         bash stages/06_mamba_lm/gpu_runs.sh list
+#
+# Jobs (one model per job so each fits a 10-minute slot; rerun a job while it exits 75):
+#   sc-paper-mamba  sc-paper-s4d  sc-paper-s4d-nogate     selective copying, paper: V=16, 16 tokens, context 4096
+#   sc-study-mamba  sc-study-s4d  sc-study-s4d-nogate     selective copying, reference study: V=30, L=64 -> 128, 10k examples
+#   ih-paper-mamba  ih-paper-s4d                           induction heads, paper: V=16, train 256, test 2^6 .. 2^20
+#
+# Expected cost (not yet measured on a GPU; the lead fills in the README): the paper selective-copying
+# jobs are the longest (8000 steps of 64 x 4112 tokens); the others take a few minutes each.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python}
+STAGE=stages/06_mamba_lm
+COMMON=(--device cuda --precision auto --time-limit-min 8 --threads 4 --no-progress)
+
+job=${1:-list}
+case "$job" in
+  sc-paper-*)  exec "$PY" "$STAGE/selective_copying.py" --preset paper --models "${job#sc-paper-}" "${COMMON[@]}" ;;
+  sc-study-*)  exec "$PY" "$STAGE/selective_copying.py" --preset study --models "${job#sc-study-}" "${COMMON[@]}" ;;
+  ih-paper-*)  exec "$PY" "$STAGE/induction_heads.py" --preset paper --models "${job#ih-paper-}" "${COMMON[@]}" ;;
+  list)
+    sed -n '/^# Jobs/,/^#   ih-paper/p' "$0" | sed 's/^# \{0,1\}//'
+    ;;
+  *) echo "unknown job: $job (try: bash $0 list)" >&2; exit 2 ;;
+esac
