@@ -26,6 +26,9 @@ What stays exactly as in single-process training (`ssmlab.core.training`):
   checkpoint. A run may be resumed with another number of processes.
 * **Logged losses are global means**: each micro-batch loss is all-reduced
   before it is reported (the gradient still flows through the local loss).
+* **Chunked runs** (``cfg.time_limit_s``): rank 0's clock decides, at
+  checkpoint steps only, and every rank stops at the same step right after
+  rank 0 has written that step's checkpoint (``result.finished`` is False).
 
 `train_distributed` wraps `ssmlab.core.training.train` with all of this; with
 one process it is exactly `train`. Tested: two gloo CPU processes give the
@@ -36,8 +39,10 @@ two-process run resumes to the same result (stage 06, test_distributed.py).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -48,7 +53,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssmlab.core.training import CHECKPOINT_NAME, TrainConfig, TrainResult, train
+from ssmlab.core.training import CHECKPOINT_NAME, LOG_NAME, TrainConfig, TrainResult, train
 
 
 @dataclass(frozen=True)
@@ -285,18 +290,48 @@ def train_distributed(model: nn.Module, loss_fn: Callable, data: Any, cfg: Train
     """
     if not env.distributed:
         return train(model, loss_fn, data, dataclasses.replace(cfg, device=env.device), eval_fn=eval_fn, on_step=on_step)
+    if cfg.time_limit_s > 0 and not cfg.ckpt_every:
+        raise ValueError("under DDP, time_limit_s needs ckpt_every > 0 (the run stops at a checkpoint step)")
     ddp = model if isinstance(model, DistributedDataParallel) else wrap_model(model, env)
-    local_cfg = rank_config(cfg, env)
+    local_cfg = dataclasses.replace(rank_config(cfg, env), time_limit_s=0.0)  # the limit is enforced below
     barrier(env)  # every rank has read the checkpoint before rank 0 may write a new one
+    t0 = time.perf_counter()
+
+    def step_hook(step: int, record: dict) -> None:
+        if on_step is not None:
+            on_step(step, record)
+        if cfg.time_limit_s > 0 and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
+            # rank 0's clock decides for everyone, so that all ranks stop at the same step
+            flag = torch.tensor([float(time.perf_counter() - t0 >= cfg.time_limit_s)], device=_collective_device(env))
+            dist.broadcast(flag, src=0)
+            if flag.item() > 0:
+                raise _OutOfTime(step)
+
     try:
         result = train(ddp, global_loss_fn(loss_fn, env, ddp, cfg.grad_accum), ShardedBatches(data, env), local_cfg,
-                       eval_fn=eval_fn, on_step=on_step)
+                       eval_fn=eval_fn, on_step=step_hook)
+    except _OutOfTime as stop:  # rank 0 wrote the checkpoint of this step just before the hook ran
+        result = TrainResult(step=stop.step, finished=False)
+        if env.is_main and cfg.out_dir is not None:
+            with open(Path(cfg.out_dir) / LOG_NAME, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"kind": "stopped", "step": stop.step, "reason": "time_limit_s",
+                                    "time_s": round(time.perf_counter() - t0, 3)}) + "\n")
     finally:
         ddp.require_backward_grad_sync = True
     if not env.is_main and cfg.out_dir is not None:
         shutil.rmtree(_shadow_dir(Path(cfg.out_dir), env.rank), ignore_errors=True)
     barrier(env)
     return result
+
+
+class _OutOfTime(Exception):
+    def __init__(self, step: int):
+        super().__init__(f"time limit reached at step {step}")
+        self.step = step
+
+
+def _collective_device(env: DistEnv) -> str:
+    return env.device if env.backend == "nccl" else "cpu"
 
 
 def sharded_mean(values_fn: Callable[[int, int], tuple[float, int]], env: DistEnv) -> float:
@@ -307,7 +342,7 @@ def sharded_mean(values_fn: Callable[[int, int], tuple[float, int]], env: DistEn
     """
     total, count = values_fn(env.rank, env.world_size)
     t = all_reduce_sum(torch.tensor([float(total), float(count)], dtype=torch.float64,
-                                    device=env.device if env.backend == "nccl" else "cpu"), env)
+                                    device=_collective_device(env)), env)
     return (t[0] / t[1].clamp(min=1)).item()
 
 

@@ -79,8 +79,15 @@ def _worker(rank: int, port: int, root: str) -> None:
     model_b = _model()
     res = D.train_distributed(model_b, _loss, _data(), _cfg(root / "b"), env)
     assert res.resumed_from == 2
+    # (c) a chunked run: the time limit stops every rank at the first checkpoint step, then the rerun finishes
+    cfg_c = _cfg(root / "c")
+    cfg_c.time_limit_s = 1e-6
+    stopped = D.train_distributed(_model(), _loss, _data(), cfg_c, env)
+    assert not stopped.finished and stopped.step == 2
+    model_c = _model()
+    assert D.train_distributed(model_c, _loss, _data(), _cfg(root / "c"), env).finished
     if env.is_main:
-        torch.save({"a": model_a.state_dict(), "b": model_b.state_dict()}, root / "final.pt")
+        torch.save({"a": model_a.state_dict(), "b": model_b.state_dict(), "c": model_c.state_dict()}, root / "final.pt")
     D.teardown(env)
 
 
@@ -125,6 +132,8 @@ def test_two_process_resume_is_exact(ddp_run):
     final = torch.load(ddp_run / "final.pt")
     for name, p in final["a"].items():
         assert torch.equal(final["b"][name], p), f"{name}: resumed DDP run differs from the uninterrupted one"
+        assert torch.equal(final["c"][name], p), f"{name}: the chunked DDP run differs from the uninterrupted one"
+    assert _losses(ddp_run / "c") == _losses(ddp_run / "a")
     assert _losses(ddp_run / "b") == _losses(ddp_run / "a")  # steps 1-2 before the kill, 3-4 after
     assert not any(p.name.startswith(".rank") for p in (ddp_run / "b").iterdir()), "rank > 0 left files behind"
 
