@@ -259,3 +259,46 @@ def fit_d_model(cfg: ClassifierConfig, budget: int, multiple: int = 8) -> Classi
         lo, hi = (mid, hi) if count(mid * multiple) <= budget else (lo, mid)
     best = min((lo, hi), key=lambda k: abs(count(k * multiple) - budget))
     return dataclasses.replace(cfg, d_model=best * multiple)
+
+
+# ----------------------------------------------------------------------------- language modelling
+
+
+class CausalLM(nn.Module):
+    """The same residual backbone as a causal language model: (B, L) ids -> (B, L, V) logits.
+
+    For the character-level ladder (stages 01, 03, 05, 06). S4 / S4D mixers
+    must be causal (``bidirectional=False``); attention would need a causal
+    mask, so the Transformer config is refused here (stage 06 has its own).
+    """
+
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__()
+        if getattr(cfg, "bidirectional", False):
+            raise ValueError("a language model must be causal: set bidirectional=False")
+        if isinstance(cfg, TransformerConfig):
+            raise ValueError("CausalLM has no causal attention; use ssmlab.core.transformer for that baseline")
+        self.cfg = cfg
+        D = cfg.d_model
+        self.embedding = nn.Embedding(cfg.vocab_size, D)
+        self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(cfg.n_layers))
+        self.mixers = nn.ModuleList(make_mixer(cfg) for _ in range(cfg.n_layers))
+        n_mlp = cfg.n_layers if cfg.mlp_ratio else 0
+        self.mlp_norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(n_mlp))
+        self.mlps = nn.ModuleList(mlp(D, cfg.mlp_ratio) for _ in range(n_mlp))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.norm_f = nn.LayerNorm(D)
+        self.head = nn.Linear(D, cfg.vocab_size, bias=False)
+        self.head.weight = self.embedding.weight  # tied input and output embeddings
+        nn.init.normal_(self.embedding.weight, std=0.02)  # small: tied logits start near uniform
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be (B, L), got shape {tuple(ids.shape)}")
+        x = self.drop(self.embedding(ids))
+        mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        for i, (norm, mixer) in enumerate(zip(self.norms, self.mixers)):
+            x = x + self.drop(mixer(norm(x), mask))
+            if self.mlps:
+                x = x + self.drop(self.mlps[i](self.mlp_norms[i](x)))
+        return self.head(self.norm_f(x))

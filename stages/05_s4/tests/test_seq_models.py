@@ -69,3 +69,38 @@ def test_config_errors():
     model = build_model(_cfg("s4d"))
     with pytest.raises(ValueError, match="max_len"):
         model(torch.ones(1, 33, dtype=torch.long))
+
+
+def test_causal_lm_is_causal_and_refuses_bidirectional():
+    from ssmlab.core.seq_models import CausalLM
+
+    torch.manual_seed(0)
+    for cfg in (S4DConfig(**SMALL, d_state=8, init="lin", bidirectional=False, mlp_ratio=2),
+                MambaClsConfig(**SMALL, d_state=4)):
+        lm = CausalLM(cfg).eval()
+        x = torch.randint(0, 40, (2, 16))
+        x2 = x.clone()
+        x2[:, 9:] = torch.randint(0, 40, (2, 7))
+        with torch.no_grad():
+            a, b = lm(x), lm(x2)
+        assert a.shape == (2, 16, 40)
+        assert torch.allclose(a[:, :9], b[:, :9], atol=1e-5) and not torch.allclose(a[:, 9:], b[:, 9:])
+    with pytest.raises(ValueError, match="causal"):
+        CausalLM(S4DConfig(**SMALL, init="lin"))
+
+
+def test_charlm_script_short_run(tmp_path):
+    import json
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "train_charlm.py"
+    main = runpy.run_path(str(script))["main"]
+    text = tmp_path / "tiny.txt"
+    text.write_text("ROMEO: what light through yonder window breaks?\nJULIET: ay me!\n" * 200)
+    assert main(["--text", str(text), "--init", "lin", "--steps", "4", "--eval-every", "2", "--eval-chars", "1024", "--d-model", "16",
+                 "--n-layers", "1", "--d-state", "4", "--seq-len", "32", "--batch-size", "4", "--device", "cpu",
+                 "--out", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+    out = json.loads((tmp_path / "charlm_s4d.json").read_text())
+    assert out["steps"] == 4 and 0 < out["val_bpc"] < 8 and out["params"] > 0
+    assert (tmp_path / "charlm_s4d.png").exists()
