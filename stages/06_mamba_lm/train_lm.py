@@ -20,7 +20,9 @@ Writes, per model, ``OUT/<model>/`` (log.jsonl, checkpoint.pt for exact resume,
 ``model/`` with weights, config and vocabulary for generate.py) and
 ``OUT/<model>/result.json``; then ``OUT/summary.json`` and
 ``OUT/learning_curves.png`` with every model trained in OUT. Re-running the
-same command resumes an interrupted run.
+same command resumes an interrupted run; with --time-limit-min the script
+stops at a checkpoint once the time is spent and exits with status 75 (run the
+same command again to continue), for machines lent in bounded slots.
 """
 
 from __future__ import annotations
@@ -183,6 +185,45 @@ def read_log(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------- one run
 
 
+class StepTimer:
+    """Training throughput from the wall time of optimizer steps that did nothing else.
+
+    Called after every step (`train`'s on_step). A step's time counts unless it
+    is the first of this session (warm-up) or it also validated or wrote a
+    checkpoint. `train` reads the loss of every micro-batch (.item()), so the
+    wall clock is synchronised with the GPU at each step.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.t_start = self.last = time.perf_counter()
+        self.first = True
+        self.n, self.seconds = 0, 0.0
+
+    def __call__(self, step: int, record: dict) -> None:
+        now = time.perf_counter()
+        c = self.cfg
+        busy = (c.eval_every and step % c.eval_every == 0) or (c.ckpt_every and step % c.ckpt_every == 0) \
+            or step == c.max_steps
+        if not self.first and not busy:
+            self.n += 1
+            self.seconds += now - self.last
+        self.first, self.last = False, now
+
+    def tokens_per_s(self, tokens_per_step: int):
+        return round(self.n * tokens_per_step / self.seconds, 1) if self.n else None
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.t_start
+
+
+def time_left_s(args) -> float:
+    """Seconds left of --time-limit-min, counted from the script's start over all its models (0: no limit)."""
+    if not args.time_limit_min:
+        return 0.0
+    return max(1e-9, 60 * args.time_limit_min - (time.perf_counter() - args._t_start))
+
+
 def run_model(name: str, args, corpus, env) -> dict:
     torch.manual_seed(args.seed)  # same init seed for both models' families
     mcfg = mamba_config(args, corpus.V)
@@ -197,27 +238,21 @@ def run_model(name: str, args, corpus, env) -> dict:
     tcfg = TrainConfig(lr=args.lr, warmup_steps=min(args.warmup, args.steps), max_steps=args.steps,
                        grad_accum=args.grad_accum, precision=args.precision, seed=args.seed,
                        log_every=args.log_every, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-                       out_dir=str(out), progress=not args.no_progress, min_lr_ratio=args.min_lr_ratio)
+                       out_dir=str(out), progress=not args.no_progress, min_lr_ratio=args.min_lr_ratio,
+                       time_limit_s=time_left_s(args))
     dist_.print0(env, f"[{name}] {n_params / 1e6:.3f}M parameters, {tokens_per_step} tokens/step, "
                       f"{args.steps} steps = {tokens_per_step * args.steps / 1e6:.2f}M tokens, device {env.device} x {env.world_size}")
-    t0 = time.perf_counter()
-    steps_before = [None]
-
-    def on_step(step, record):
-        if steps_before[0] is None:
-            steps_before[0] = step - 1
-    result = dist_.train_distributed(model, lm_loss(corpus.V), data, tcfg, env, eval_fn=eval_fn, on_step=on_step)
-    if env.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    done_now = result.step - (steps_before[0] if steps_before[0] is not None else result.step)
+    timer = StepTimer(tcfg)
+    result = dist_.train_distributed(model, lm_loss(corpus.V), data, tcfg, env, eval_fn=eval_fn, on_step=timer)
     bare = dist_.unwrap(model)
     summary = {}
     if env.is_main:
+        previous = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else {}
         save_for_generation(out / "model", name, bare, cfg, corpus, level)
         log = read_log(out / LOG_NAME)
         evals = [r for r in log if r["kind"] == "eval"]
         last = evals[-1] if evals else eval_fn(bare)
+        best = min(evals, key=lambda r: r["val_loss"]) if evals else last
         summary = {
             "model": name, "params": n_params, "config": cfg.to_dict(), "corpus": corpus.describe(),
             "level": level, "steps": result.step, "tokens_per_step": tokens_per_step,
@@ -225,13 +260,18 @@ def run_model(name: str, args, corpus, env) -> dict:
             "grad_accum": args.grad_accum, "lr": args.lr, "world_size": env.world_size, "device": env.device,
             "device_name": torch.cuda.get_device_name() if env.device.startswith("cuda") else "cpu",
             "precision": args.precision, "val_loss": last["val_loss"], "val_ppl": last["val_ppl"],
-            "val_bpc": last["val_bpc"], "wall_s_this_session": round(wall, 2),
-            "train_tokens_per_s": round(done_now * tokens_per_step / wall, 1) if done_now > 0 else None,
+            "val_bpc": last["val_bpc"], "finished": result.finished,
+            "best_val_loss": best["val_loss"], "best_val_bpc": best["val_bpc"], "best_val_step": best.get("step"),
+            "wall_s_this_session": round(timer.wall(), 2),
+            "train_tokens_per_s": timer.tokens_per_s(tokens_per_step) or previous.get("train_tokens_per_s"),
+            "timed_steps": timer.n or previous.get("timed_steps"),
             "command": " ".join(sys.argv),
         }
         atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "result.json")
-        dist_.print0(env, f"[{name}] val loss {summary['val_loss']:.4f} nats/token, bpc {summary['val_bpc']:.4f}, "
-                          f"ppl {summary['val_ppl']:.2f}, {summary['train_tokens_per_s']} tokens/s")
+        dist_.print0(env, f"[{name}] step {result.step}/{args.steps}: val loss {summary['val_loss']:.4f} nats/token, "
+                          f"bpc {summary['val_bpc']:.4f}, ppl {summary['val_ppl']:.2f}, "
+                          f"{summary['train_tokens_per_s']} tokens/s" + ("" if result.finished else " (stopped by the time limit)"))
+    summary["finished"] = result.finished
     return summary
 
 
@@ -261,7 +301,8 @@ def plot_curves(out: Path) -> Path:
     ax.set_ylabel(f"cross-entropy (nats per {unit})")
     ax.set_title(out.name)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "learning_curves.png"
     fig.savefig(path, dpi=120)
@@ -300,6 +341,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=0, help="validation batch (default --batch-size)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=200, help="checkpoint every N steps (resume re-runs the command)")
+    p.add_argument("--time-limit-min", type=float, default=0.0,
+                   help="stop (checkpointed) after this many minutes over all models; exit 75; rerun to resume")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave PyTorch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT / "run"), help="output folder")
@@ -315,8 +358,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+EXIT_UNFINISHED = 75  # the time limit stopped a model: run the same command again to resume
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args._t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     env = dist_.setup(args.device)
@@ -325,7 +372,11 @@ def main(argv=None) -> dict:
     try:
         corpus = load_corpus(args)
         dist_.print0(env, f"corpus: {corpus.describe()}")
-        results = {name: run_model(name, args, corpus, env) for name in args.model}
+        results = {}
+        for name in args.model:
+            results[name] = run_model(name, args, corpus, env)
+            if not results[name]["finished"]:
+                break
         if env.is_main:
             out = Path(args.out)
             summary = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))}
@@ -333,6 +384,9 @@ def main(argv=None) -> dict:
             print(f"learning curves: {plot_curves(out)}")
     finally:
         dist_.teardown(env)
+    unfinished = len(results) < len(args.model) or not all(r["finished"] for r in results.values())
+    if unfinished and argv is None:  # a command-line run says so by its exit status (under torchrun: non-zero)
+        sys.exit(EXIT_UNFINISHED)
     return results
 
 

@@ -130,3 +130,16 @@ def test_torchrun_two_processes(text_file, tmp_path):
     res = json.loads((out / "transformer" / "result.json").read_text())
     assert res["world_size"] == 2 and res["steps"] == 8 and res["train_tokens"] == 8 * 4 * 32
     assert not any(p.name.startswith(".rank") for p in (out / "transformer").iterdir())
+
+
+def test_time_limit_stops_at_a_checkpoint_and_the_rerun_finishes(text_file, tmp_path, monkeypatch):
+    train_lm = _script("train_lm")
+    args = ["--text", str(text_file), "--out", str(tmp_path / "chunked"), "--model", "transformer", *SHORT]
+    stopped = train_lm.main([*args, "--time-limit-min", "1e-6"])["transformer"]
+    assert not stopped["finished"] and stopped["steps"] == 1
+    done = train_lm.main(args)["transformer"]
+    assert done["finished"] and done["steps"] == 8
+    monkeypatch.setattr(sys, "argv", ["train_lm.py", *args, "--steps", "12", "--time-limit-min", "1e-6"])
+    with pytest.raises(SystemExit) as exit_info:  # a command-line run reports the unfinished state by its status
+        train_lm.main()
+    assert exit_info.value.code == train_lm.EXIT_UNFINISHED
