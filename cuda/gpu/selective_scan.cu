@@ -1,0 +1,126 @@
+// Public entry points of the CUDA selective scan (ssmlab/selective_scan.h):
+// dtype dispatch, the backward's workspace, and the deterministic reduction
+// that turns the backward's per-row / per-block partial sums into grad A, B,
+// C, D and delta_bias, always adding in index order.
+#include "selective_scan_kernels.cuh"
+
+namespace ssmlab {
+namespace ss {
+
+extern template void launch_fwd<float>(const P&);
+extern template void launch_fwd<Half>(const P&);
+extern template void launch_fwd<BFloat16>(const P&);
+extern template void launch_bwd<float>(const P&, const BwdWorkspace&);
+extern template void launch_bwd<Half>(const P&, const BwdWorkspace&);
+extern template void launch_bwd<BFloat16>(const P&, const BwdWorkspace&);
+
+namespace {
+
+// grad A (dim, N), time-invariant grad B / C (dim, N): sum over batch.
+// grad D, grad delta_bias (dim,): sum over batch.
+__global__ void reduce_params_kernel(P p, BwdWorkspace ws) {
+  const int64_t N = p.dstate, DN = p.dim * N;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < DN + p.dim; i += int64_t(gridDim.x) * blockDim.x) {
+    if (i < DN) {
+      float a = 0.0f, b = 0.0f, c = 0.0f;
+      for (int64_t bi = 0; bi < p.batch; ++bi) {
+        a += ws.gA[bi * DN + i];
+        if (!p.is_variable_B) b += ws.gBc[bi * DN + i];
+        if (!p.is_variable_C) c += ws.gCc[bi * DN + i];
+      }
+      p.grad_A[i] = a;
+      if (!p.is_variable_B) p.grad_B[i] = b;
+      if (!p.is_variable_C) p.grad_C[i] = c;
+    } else {
+      const int64_t d = i - DN;
+      float gd = 0.0f, gb = 0.0f;
+      for (int64_t bi = 0; bi < p.batch; ++bi) {
+        gd += ws.gD[bi * p.dim + d];
+        gb += ws.gbias[bi * p.dim + d];
+      }
+      if (p.grad_D) p.grad_D[d] = gd;
+      if (p.grad_delta_bias) p.grad_delta_bias[d] = gb;
+    }
+  }
+}
+
+// Input-dependent grad B / C (batch, groups, N, L): sum of the blocks' partials
+// (batch, groups, block, N, L) over the blocks of each group, in block order.
+__global__ void reduce_bc_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t bg, int64_t nblk,
+                                 int64_t NL) {
+  const int64_t total = bg * NL;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = i / NL, j = i % NL;
+    const float* src = part + k * nblk * NL + j;
+    float acc = 0.0f;
+    for (int64_t blk = 0; blk < nblk; ++blk) acc += src[blk * NL];
+    out[i] = acc;
+  }
+}
+
+unsigned blocks_for(int64_t n, int threads) {
+  const int64_t b = (n + threads - 1) / threads;
+  return unsigned(b < 65535 * 16 ? (b > 0 ? b : 1) : 65535 * 16);
+}
+
+void check(const P& p, const char* fn) {
+  if (p.dtype == DType::kFloat64)
+    throw std::invalid_argument(std::string(fn) + ": float64 inputs are not supported by the CUDA kernel");
+  if (p.groups <= 0 || p.dim % p.groups != 0)
+    throw std::invalid_argument(std::string(fn) + ": groups must divide dim");
+  if (p.chunk_len != 0 && p.chunk_len != kChunk)
+    throw std::invalid_argument(std::string(fn) + ": chunk_len must be selective_scan_chunk_len_cuda() = " +
+                                std::to_string(kChunk));
+  check_state_size(p.dstate);
+}
+
+template <typename F>
+void by_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: f(float{}); return;
+    case DType::kFloat16: f(Half{}); return;
+    case DType::kBFloat16: f(BFloat16{}); return;
+    default: throw std::invalid_argument("selective_scan (cuda): unsupported dtype");
+  }
+}
+
+}  // namespace
+}  // namespace ss
+
+void selective_scan_fwd_cuda(const SelectiveScanParams& p) {
+  ss::check(p, "selective_scan_fwd_cuda");
+  if (p.batch == 0 || p.dim == 0 || p.length == 0) return;
+  ss::by_dtype(p.dtype, [&](auto tag) { ss::launch_fwd<decltype(tag)>(p); });
+}
+
+void selective_scan_bwd_cuda(const SelectiveScanParams& p) {
+  ss::check(p, "selective_scan_bwd_cuda");
+  if (p.batch == 0 || p.dim == 0 || p.length == 0) return;
+  if (!p.chunk_states && p.length > ss::kChunk)
+    throw std::invalid_argument("selective_scan_bwd_cuda: chunk_states from the forward are required");
+  if (!p.workspace) throw std::invalid_argument("selective_scan_bwd_cuda: workspace is null");
+  const ss::BwdWorkspace ws = ss::BwdWorkspace::make(p);
+  ss::by_dtype(p.dtype, [&](auto tag) { ss::launch_bwd<decltype(tag)>(p, ws); });
+  auto stream = reinterpret_cast<cudaStream_t>(p.stream);
+  constexpr int kT = 256;
+  ss::reduce_params_kernel<<<ss::blocks_for(p.dim * p.dstate + p.dim, kT), kT, 0, stream>>>(p, ws);
+  cuda_check(cudaGetLastError(), "selective_scan backward reduction");
+  const int64_t bg = p.batch * p.groups, NL = p.dstate * p.length;
+  if (p.is_variable_B) {
+    ss::reduce_bc_kernel<<<ss::blocks_for(bg * NL, kT), kT, 0, stream>>>(ws.gBv, p.grad_B, bg, ws.blocks_per_group, NL);
+    cuda_check(cudaGetLastError(), "selective_scan backward reduction of grad B");
+  }
+  if (p.is_variable_C) {
+    ss::reduce_bc_kernel<<<ss::blocks_for(bg * NL, kT), kT, 0, stream>>>(ws.gCv, p.grad_C, bg, ws.blocks_per_group, NL);
+    cuda_check(cudaGetLastError(), "selective_scan backward reduction of grad C");
+  }
+}
+
+int64_t selective_scan_chunk_len_cuda() { return ss::kChunk; }
+
+size_t selective_scan_bwd_workspace_bytes_cuda(const SelectiveScanParams& p) {
+  if (p.groups <= 0 || p.dim % p.groups != 0) return 0;
+  return size_t(ss::BwdWorkspace::floats(p)) * sizeof(float);
+}
+
+}  // namespace ssmlab

@@ -1,0 +1,10 @@
+// Selective scan kernels instantiated for float inputs (one file per dtype so
+// that they compile in parallel); see selective_scan_kernels.cuh.
+#include "selective_scan_kernels.cuh"
+
+namespace ssmlab {
+namespace ss {
+template void launch_fwd<float>(const P&);
+template void launch_bwd<float>(const P&, const BwdWorkspace&);
+}  // namespace ss
+}  // namespace ssmlab

@@ -1,0 +1,604 @@
+// Fused CUDA selective scan (Mamba's S6): forward and backward kernels.
+//
+// Shared by the per-dtype translation units selective_scan_{f32,f16,bf16}.cu,
+// which instantiate launch_fwd<T> / launch_bwd<T> so the three compile in
+// parallel. The public entry points live in selective_scan.cu.
+//
+// Work decomposition (the same in both directions):
+//   * a block owns kRows = kThreads / S channels d of ONE batch b and ONE group
+//     g, so the input-dependent B_t, C_t of a time step are loaded once per
+//     block into shared memory and read by all of its channels (B/C loads are
+//     amortised over kRows channels);
+//   * each channel is served by S consecutive lanes; lane s holds the states
+//     n = s*NT .. s*NT+NT-1 in registers (N <= S*NT, missing states padded with
+//     A = B = C = 0, which keeps them at zero and out of every sum);
+//   * the length is walked in chunks of kChunk steps. Per chunk the block
+//     (1) loads delta, u (and z, grad_out) coalesced, applies bias and
+//     softplus once per element and stages Δ and Δu in shared memory,
+//     (2) runs the recurrence: per step and state one ex2 (MUFU), one FMUL for
+//     the exponent, one FMUL for Δu B and the single loop-carried FFMA
+//     h = e h + Δu B, then one FFMA for C·h; y is summed over the S lanes by
+//     shuffles, and (3) applies D u and the silu(z) gate and stores coalesced.
+//
+// Backward: chunks are walked from the end. A chunk's states are recomputed
+// from the forward's stored chunk-boundary state (chunk_states) in sub-chunks
+// of kSub steps held in registers, and the adjoint
+//     g_t = dL/dh_t = gy_t C_t + exp(Δ_{t+1} A) g_{t+1}
+// runs backwards through them. Determinism: every reduction has a fixed order
+// and no atomics. Per-row sums (grad A, D, delta_bias, time-invariant B/C) are
+// written per (batch, channel) into the workspace; input-dependent B/C
+// gradients are summed over a block's channels in shared memory in channel
+// order and written per block; a second kernel sums over batch / blocks in
+// index order.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda_utils.cuh"
+#include "ssmlab/selective_scan.h"
+
+namespace ssmlab {
+namespace ss {
+
+using P = SelectiveScanParams;
+
+constexpr int kChunk = 64;      // steps per chunk (== selective_scan_chunk_len_cuda())
+constexpr int kPad = kChunk + 1;  // row pitch of the (row, step) tiles: no bank conflicts
+constexpr int kThreads = 128;
+constexpr int kSub = 8;         // backward: steps whose states are held in registers
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)); the series for small exp(-|x|)
+// keeps the relative accuracy where softplus(x) ~ exp(x) is tiny.
+__device__ __forceinline__ float softplus(float x) {
+  const float e = ex2(-fabsf(x) * kLog2e);
+  const float l = e < 1e-2f ? e * (1.0f - e * (0.5f - e * (1.0f / 3.0f))) : __logf(1.0f + e);
+  return fmaxf(x, 0.0f) + l;
+}
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + ex2(-x * kLog2e)); }
+
+// Layout of the workspace (floats) for the backward.
+struct BwdWorkspace {
+  float *gA, *gBc, *gCc, *gD, *gbias, *gBv, *gCv;
+  int64_t blocks_per_group;
+  static constexpr int64_t kRowsPerBlock = kThreads / 4;  // S = 4 lanes a channel for every supported N
+  __host__ __device__ static int64_t floats(const P& p, float** out = nullptr, float* base = nullptr) {
+    const int64_t rows = p.batch * p.dim, N = p.dstate, dpg = p.dim / p.groups;
+    const int64_t nblk = (dpg + kRowsPerBlock - 1) / kRowsPerBlock;
+    const int64_t var = p.batch * p.groups * nblk * N * p.length;
+    const int64_t sizes[7] = {rows * N, p.is_variable_B ? 0 : rows * N, p.is_variable_C ? 0 : rows * N,
+                              rows, rows, p.is_variable_B ? var : 0, p.is_variable_C ? var : 0};
+    int64_t off = 0;
+    for (int i = 0; i < 7; ++i) {
+      if (out) out[i] = base + off;
+      off += (sizes[i] + 31) / 32 * 32;  // keep every part 128-byte aligned
+    }
+    return off;
+  }
+  static BwdWorkspace make(const P& p) {
+    float* ptr[7];
+    floats(p, ptr, static_cast<float*>(p.workspace));
+    const int64_t dpg = p.dim / p.groups, R = kRowsPerBlock;
+    return {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], (dpg + R - 1) / R};
+  }
+};
+
+// The block's place: batch b, group g, first channel d0 of its rows.
+struct Place {
+  int64_t b, g, blk, d0, rows;  // rows: valid channels in this block
+};
+template <int R>
+__device__ __forceinline__ Place place(const P& p) {
+  const int64_t dpg = p.dim / p.groups, nblk = (dpg + R - 1) / R;
+  const int64_t i = blockIdx.x;
+  Place q;
+  q.blk = i % nblk;
+  q.g = (i / nblk) % p.groups;
+  q.b = i / (nblk * p.groups);
+  q.d0 = q.g * dpg + q.blk * R;
+  q.rows = dpg - q.blk * R < R ? dpg - q.blk * R : R;
+  return q;
+}
+
+// Input-dependent B or C of the block's (b, g): element (n, t0 + t), as float.
+template <typename T>
+__device__ __forceinline__ const T* bc_base(const void* X, const int64_t* st, const Place& q) {
+  return static_cast<const T*>(X) + q.b * st[0] + q.g * st[1];
+}
+
+// Stages B_t or C_t for t in [t0, t0 + len) time-major into s[t][n] (NP
+// floats a row); states n >= N and steps t >= len are zero.
+template <typename T, int NP>
+__device__ __forceinline__ void stage_bc(float* s, const T* base, int64_t nstride, int N, int64_t t0, int len) {
+  for (int i = threadIdx.x; i < NP * kChunk; i += kThreads) {
+    const int n = i / kChunk, t = i % kChunk;
+    s[t * NP + n] = (n < N && t < len) ? Dev<T>::ld(base + n * nstride + t0 + t) : 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------
+
+template <int NT, int S>
+struct Shape {
+  static constexpr int kNT = NT, kS = S, kNP = NT * S, kRows = kThreads / S;
+  static constexpr int kTileFloats = kRows * kPad;
+  static size_t fwd_smem() { return sizeof(float) * (3 * kTileFloats + 2 * kChunk * kNP); }
+  static size_t bwd_smem() {
+    return sizeof(float) * (8 * kTileFloats + 2 * kChunk * kNP + 2 * kSub * kRows * kNP);
+  }
+};
+
+template <int S>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+  for (int m = 1; m < S; m <<= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+// Reads NT consecutive floats of shared memory (16-byte aligned when NT % 4 == 0).
+template <int NT>
+__device__ __forceinline__ void ld_vec(float (&v)[NT], const float* s) {
+  if constexpr (NT % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < NT; i += 4) {
+      const float4 x = *reinterpret_cast<const float4*>(s + i);
+      v[i] = x.x, v[i + 1] = x.y, v[i + 2] = x.z, v[i + 3] = x.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < NT; ++i) v[i] = s[i];
+  }
+}
+
+template <typename T, int NT, int S>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(P p) {
+  using Sh = Shape<NT, S>;
+  constexpr int R = Sh::kRows, NP = Sh::kNP;
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  float(*sDt)[kPad] = reinterpret_cast<float(*)[kPad]>(smem);
+  float(*sDu)[kPad] = reinterpret_cast<float(*)[kPad]>(smem + Sh::kTileFloats);
+  float(*sY)[kPad] = reinterpret_cast<float(*)[kPad]>(smem + 2 * Sh::kTileFloats);
+  float* sB = smem + 3 * Sh::kTileFloats;
+  float* sC = sB + kChunk * NP;
+
+  const Place q = place<R>(p);
+  const int N = int(p.dstate), tid = threadIdx.x, r = tid / S, s = tid % S;
+  const int64_t L = p.length, nch = (L + kChunk - 1) / kChunk;
+  const bool row_ok = r < q.rows;
+  const int64_t d = q.d0 + (row_ok ? r : 0), row = q.b * p.dim + d;
+
+  float A2[NT], Bc[NT], Cc[NT], h[NT];
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    const int n = s * NT + i;
+    const bool ok = row_ok && n < N;
+    A2[i] = ok ? p.A[d * N + n] * kLog2e : 0.0f;
+    Bc[i] = ok && !p.is_variable_B ? static_cast<const float*>(p.B)[d * N + n] : 0.0f;
+    Cc[i] = ok && !p.is_variable_C ? static_cast<const float*>(p.C)[d * N + n] : 0.0f;
+    h[i] = ok && p.h0 ? p.h0[row * N + n] : 0.0f;
+  }
+  const T* Bv = p.is_variable_B ? bc_base<T>(p.B, p.B_stride, q) : nullptr;
+  const T* Cv = p.is_variable_C ? bc_base<T>(p.C, p.C_stride, q) : nullptr;
+
+  for (int64_t c = 0; c < nch; ++c) {
+    const int64_t t0 = c * kChunk;
+    const int len = int(L - t0 < kChunk ? L - t0 : kChunk);
+    // (1) stage Δ, Δu and D u of the block's rows; B_t and C_t.
+    for (int i = tid; i < R * kChunk; i += kThreads) {
+      const int rr = i / kChunk, t = i % kChunk;
+      float dt = 0.0f, u = 0.0f, Du = 0.0f;
+      if (rr < q.rows && t < len) {
+        const int64_t dd = q.d0 + rr;
+        const T* up = static_cast<const T*>(p.u) + q.b * p.u_stride[0] + dd * p.u_stride[1];
+        const T* dp = static_cast<const T*>(p.delta) + q.b * p.delta_stride[0] + dd * p.delta_stride[1];
+        u = Dev<T>::ld(up + t0 + t);
+        dt = Dev<T>::ld(dp + t0 + t) + (p.delta_bias ? p.delta_bias[dd] : 0.0f);
+        if (p.delta_softplus) dt = softplus(dt);
+        Du = p.D ? p.D[dd] * u : 0.0f;
+      }
+      sDt[rr][t] = dt;
+      sDu[rr][t] = dt * u;
+      sY[rr][t] = Du;
+    }
+    if (Bv) stage_bc<T, NP>(sB, Bv, p.B_stride[2], N, t0, len);
+    if (Cv) stage_bc<T, NP>(sC, Cv, p.C_stride[2], N, t0, len);
+    __syncthreads();
+
+    // (2) the recurrence, states in registers.
+#pragma unroll 2
+    for (int t = 0; t < len; ++t) {
+      const float dt = sDt[r][t], du = sDu[r][t];
+      float b[NT], cc[NT];
+      if (Bv) ld_vec<NT>(b, sB + t * NP + s * NT);
+      else {
+#pragma unroll
+        for (int i = 0; i < NT; ++i) b[i] = Bc[i];
+      }
+      if (Cv) ld_vec<NT>(cc, sC + t * NP + s * NT);
+      else {
+#pragma unroll
+        for (int i = 0; i < NT; ++i) cc[i] = Cc[i];
+      }
+      float y = 0.0f;
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+        h[i] = fmaf(ex2(dt * A2[i]), h[i], du * b[i]);
+        y = fmaf(cc[i], h[i], y);
+      }
+      y = group_sum<S>(y);
+      if (s == 0) sY[r][t] += y;
+    }
+    if (p.chunk_states && row_ok) {
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+        if (s * NT + i < N) p.chunk_states[(row * nch + c) * N + s * NT + i] = h[i];
+    }
+    __syncthreads();
+
+    // (3) gate and store.
+    for (int i = tid; i < R * kChunk; i += kThreads) {
+      const int rr = i / kChunk, t = i % kChunk;
+      if (rr < q.rows && t < len) {
+        const int64_t dd = q.d0 + rr;
+        float y = sY[rr][t];
+        if (p.z) {
+          const float zz = Dev<T>::ld(static_cast<const T*>(p.z) + q.b * p.z_stride[0] + dd * p.z_stride[1] + t0 + t);
+          y *= zz * sigmoid(zz);
+        }
+        Dev<T>::st(static_cast<T*>(p.out) + q.b * p.out_stride[0] + dd * p.out_stride[1] + t0 + t, y);
+      }
+    }
+    __syncthreads();
+  }
+  if (p.last_state && row_ok) {
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+      if (s * NT + i < N) p.last_state[row * N + s * NT + i] = h[i];
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------
+
+template <typename T, int NT, int S>
+__global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
+  using Sh = Shape<NT, S>;
+  constexpr int R = Sh::kRows, NP = Sh::kNP;
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  auto tile = [&](int k) { return reinterpret_cast<float(*)[kPad]>(smem + k * Sh::kTileFloats); };
+  float(*sDt)[kPad] = tile(0);   // Δ
+  float(*sDu)[kPad] = tile(1);   // Δ u
+  float(*sU)[kPad] = tile(2);    // u
+  float(*sGy)[kPad] = tile(3);   // dL/dy before the gate: grad_out * silu(z)
+  float(*sSig)[kPad] = tile(4);  // softplus'(delta + bias)
+  float(*sYp)[kPad] = tile(5);   // y before the gate (for grad z)
+  float(*sGu)[kPad] = tile(6);   // staged grad_u
+  float(*sGx)[kPad] = tile(7);   // staged grad_delta
+  float* sB = smem + 8 * Sh::kTileFloats;
+  float* sC = sB + kChunk * NP;
+  float* sRB = sC + kChunk * NP;      // [kSub][R][NP] per-row grad B_t contributions
+  float* sRC = sRB + kSub * R * NP;   // [kSub][R][NP] per-row grad C_t contributions
+
+  const Place q = place<R>(p);
+  const int N = int(p.dstate), tid = threadIdx.x, r = tid / S, s = tid % S;
+  const int64_t L = p.length, nch = (L + kChunk - 1) / kChunk;
+  const bool row_ok = r < q.rows;
+  const int64_t d = q.d0 + (row_ok ? r : 0), row = q.b * p.dim + d;
+  const float Dd = row_ok && p.D ? p.D[d] : 0.0f;
+  const T* gout = static_cast<const T*>(p.grad_out);
+
+  float A[NT], A2[NT], Bc[NT], Cc[NT], carry[NT], gA[NT], gBc[NT], gCc[NT];
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    const int n = s * NT + i;
+    const bool ok = row_ok && n < N;
+    A[i] = ok ? p.A[d * N + n] : 0.0f;
+    A2[i] = A[i] * kLog2e;
+    Bc[i] = ok && !p.is_variable_B ? static_cast<const float*>(p.B)[d * N + n] : 0.0f;
+    Cc[i] = ok && !p.is_variable_C ? static_cast<const float*>(p.C)[d * N + n] : 0.0f;
+    carry[i] = ok && p.grad_last_state ? p.grad_last_state[row * N + n] : 0.0f;
+    gA[i] = gBc[i] = gCc[i] = 0.0f;
+  }
+  float gD = 0.0f, gbias = 0.0f;
+  const T* Bv = p.is_variable_B ? bc_base<T>(p.B, p.B_stride, q) : nullptr;
+  const T* Cv = p.is_variable_C ? bc_base<T>(p.C, p.C_stride, q) : nullptr;
+  const int64_t part = (q.b * p.groups + q.g) * ws.blocks_per_group + q.blk;  // this block's B/C partial
+
+  for (int64_t c = nch - 1; c >= 0; --c) {
+    const int64_t t0 = c * kChunk;
+    const int len = int(L - t0 < kChunk ? L - t0 : kChunk);
+    // (1) stage the chunk.
+    for (int i = tid; i < R * kChunk; i += kThreads) {
+      const int rr = i / kChunk, t = i % kChunk;
+      float dt = 0.0f, u = 0.0f, gy = 0.0f, sig = 1.0f;
+      if (rr < q.rows && t < len) {
+        const int64_t dd = q.d0 + rr, o = (q.b * p.dim + dd) * L + t0 + t;
+        const T* up = static_cast<const T*>(p.u) + q.b * p.u_stride[0] + dd * p.u_stride[1];
+        const T* dp = static_cast<const T*>(p.delta) + q.b * p.delta_stride[0] + dd * p.delta_stride[1];
+        u = Dev<T>::ld(up + t0 + t);
+        const float x = Dev<T>::ld(dp + t0 + t) + (p.delta_bias ? p.delta_bias[dd] : 0.0f);
+        dt = p.delta_softplus ? softplus(x) : x;
+        sig = p.delta_softplus ? sigmoid(x) : 1.0f;
+        gy = Dev<T>::ld(gout + o);
+        if (p.z) {
+          const float zz = Dev<T>::ld(static_cast<const T*>(p.z) + q.b * p.z_stride[0] + dd * p.z_stride[1] + t0 + t);
+          gy *= zz * sigmoid(zz);
+        }
+      }
+      sDt[rr][t] = dt;
+      sDu[rr][t] = dt * u;
+      sU[rr][t] = u;
+      sGy[rr][t] = gy;
+      sSig[rr][t] = sig;
+    }
+    if (Bv) stage_bc<T, NP>(sB, Bv, p.B_stride[2], N, t0, len);
+    if (Cv) stage_bc<T, NP>(sC, Cv, p.C_stride[2], N, t0, len);
+    __syncthreads();
+
+    // (2a) forward through the chunk from its stored start state: the state at
+    // the start of every sub-chunk, and y before the gate (for grad z).
+    float hs[kChunk / kSub][NT];
+    {
+      float h[NT];
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+        const int n = s * NT + i;
+        const bool ok = row_ok && n < N;
+        h[i] = !ok ? 0.0f
+                   : c > 0 ? p.chunk_states[(row * nch + c - 1) * N + n]
+                   : p.h0 ? p.h0[row * N + n] : 0.0f;
+      }
+#pragma unroll
+      for (int k = 0; k < kChunk / kSub; ++k) {
+#pragma unroll
+        for (int i = 0; i < NT; ++i) hs[k][i] = h[i];
+        if (k * kSub < len) {
+#pragma unroll 2
+          for (int tt = 0; tt < kSub; ++tt) {
+            const int t = k * kSub + tt;
+            const float dt = sDt[r][t], du = sDu[r][t];
+            float b[NT], cc[NT];
+            if (Bv) ld_vec<NT>(b, sB + t * NP + s * NT);
+            else {
+#pragma unroll
+              for (int i = 0; i < NT; ++i) b[i] = Bc[i];
+            }
+            float y = 0.0f;
+#pragma unroll
+            for (int i = 0; i < NT; ++i) h[i] = fmaf(ex2(dt * A2[i]), h[i], du * b[i]);
+            if (p.z) {
+              if (Cv) ld_vec<NT>(cc, sC + t * NP + s * NT);
+              else {
+#pragma unroll
+                for (int i = 0; i < NT; ++i) cc[i] = Cc[i];
+              }
+#pragma unroll
+              for (int i = 0; i < NT; ++i) y = fmaf(cc[i], h[i], y);
+              y = group_sum<S>(y);
+              if (s == 0) sYp[r][t] = y + Dd * sU[r][t];
+            }
+          }
+        }
+      }
+    }
+
+    // (2b) backwards through the sub-chunks: recompute their states, then the adjoint.
+#pragma unroll 1
+    for (int k = kChunk / kSub - 1; k >= 0; --k) {
+      if (k * kSub >= len) continue;  // uniform across the block
+      float H[kSub][NT];
+      float hsk[NT];
+      // hs is indexed by a run-time k: pick the row with a compile-time loop.
+#pragma unroll
+      for (int i = 0; i < NT; ++i) hsk[i] = hs[0][i];
+#pragma unroll
+      for (int kk = 1; kk < kChunk / kSub; ++kk)
+        if (kk == k) {
+#pragma unroll
+          for (int i = 0; i < NT; ++i) hsk[i] = hs[kk][i];
+        }
+      {
+        float h[NT];
+#pragma unroll
+        for (int i = 0; i < NT; ++i) h[i] = hsk[i];
+#pragma unroll
+        for (int tt = 0; tt < kSub; ++tt) {
+          const int t = k * kSub + tt;
+          const float dt = sDt[r][t], du = sDu[r][t];
+          float b[NT];
+          if (Bv) ld_vec<NT>(b, sB + t * NP + s * NT);
+          else {
+#pragma unroll
+            for (int i = 0; i < NT; ++i) b[i] = Bc[i];
+          }
+#pragma unroll
+          for (int i = 0; i < NT; ++i) {
+            h[i] = fmaf(ex2(dt * A2[i]), h[i], du * b[i]);
+            H[tt][i] = h[i];
+          }
+        }
+      }
+#pragma unroll
+      for (int tt = kSub - 1; tt >= 0; --tt) {
+        const int t = k * kSub + tt;
+        const float dt = sDt[r][t], du = sDu[r][t], gy = sGy[r][t];
+        float b[NT], cc[NT];
+        if (Bv) ld_vec<NT>(b, sB + t * NP + s * NT);
+        else {
+#pragma unroll
+          for (int i = 0; i < NT; ++i) b[i] = Bc[i];
+        }
+        if (Cv) ld_vec<NT>(cc, sC + t * NP + s * NT);
+        else {
+#pragma unroll
+          for (int i = 0; i < NT; ++i) cc[i] = Cc[i];
+        }
+        float gdt = 0.0f, gbs = 0.0f, gB[NT], gC[NT];
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+          const float e = ex2(dt * A2[i]);
+          const float hprev = tt > 0 ? H[tt > 0 ? tt - 1 : 0][i] : hsk[i];
+          const float g = fmaf(gy, cc[i], carry[i]);  // dL/dh_t
+          const float gdA = g * hprev * e;             // dL/d(Δ A_n)
+          gA[i] = fmaf(gdA, dt, gA[i]);
+          gdt = fmaf(gdA, A[i], gdt);
+          gbs = fmaf(g, b[i], gbs);
+          gB[i] = g * du;
+          gC[i] = gy * H[tt][i];
+          carry[i] = e * g;
+        }
+        if (Bv) {
+#pragma unroll
+          for (int i = 0; i < NT; ++i) sRB[(tt * R + r) * NP + s * NT + i] = gB[i];
+        } else {
+#pragma unroll
+          for (int i = 0; i < NT; ++i) gBc[i] += gB[i];
+        }
+        if (Cv) {
+#pragma unroll
+          for (int i = 0; i < NT; ++i) sRC[(tt * R + r) * NP + s * NT + i] = gC[i];
+        } else {
+#pragma unroll
+          for (int i = 0; i < NT; ++i) gCc[i] += gC[i];
+        }
+        gdt = group_sum<S>(gdt);
+        gbs = group_sum<S>(gbs);
+        if (s == 0 && t < len) {
+          const float u = sU[r][t];
+          const float gx = (gdt + gbs * u) * sSig[r][t];
+          sGu[r][t] = fmaf(gy, Dd, gbs * dt);
+          sGx[r][t] = gx;
+          gD = fmaf(gy, u, gD);
+          gbias += gx;
+        }
+      }
+      // Sum the sub-chunk's B_t / C_t contributions over the block's rows, in row order.
+      if (Bv || Cv) {
+        __syncthreads();
+        const int nout = kSub * N;
+        for (int i = tid; i < 2 * nout; i += kThreads) {
+          const bool isC = i >= nout;
+          if (isC ? !Cv : !Bv) continue;
+          const int j = isC ? i - nout : i, tt = j % kSub, n = j / kSub, t = k * kSub + tt;
+          if (t >= len) continue;
+          const float* src = (isC ? sRC : sRB) + tt * R * NP + n;
+          float acc = 0.0f;
+          for (int rr = 0; rr < R; ++rr) acc += src[rr * NP];
+          float* dst = isC ? ws.gCv : ws.gBv;
+          dst[(part * N + n) * L + t0 + t] = acc;
+        }
+        __syncthreads();
+      }
+    }
+    __syncthreads();
+
+    // (3) store grad u, grad delta (and grad z) of the chunk.
+    for (int i = tid; i < R * kChunk; i += kThreads) {
+      const int rr = i / kChunk, t = i % kChunk;
+      if (rr < q.rows && t < len) {
+        const int64_t dd = q.d0 + rr, o = (q.b * p.dim + dd) * L + t0 + t;
+        Dev<T>::st(static_cast<T*>(p.grad_u) + o, sGu[rr][t]);
+        Dev<T>::st(static_cast<T*>(p.grad_delta) + o, sGx[rr][t]);
+        if (p.z && p.grad_z) {
+          const float zz = Dev<T>::ld(static_cast<const T*>(p.z) + q.b * p.z_stride[0] + dd * p.z_stride[1] + t0 + t);
+          const float sg = sigmoid(zz);
+          Dev<T>::st(static_cast<T*>(p.grad_z) + o, Dev<T>::ld(gout + o) * sYp[rr][t] * sg * (1.0f + zz * (1.0f - sg)));
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  if (row_ok) {
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+      const int n = s * NT + i;
+      if (n >= N) continue;
+      if (p.grad_h0) p.grad_h0[row * N + n] = carry[i];
+      ws.gA[row * N + n] = gA[i];
+      if (!p.is_variable_B) ws.gBc[row * N + n] = gBc[i];
+      if (!p.is_variable_C) ws.gCc[row * N + n] = gCc[i];
+    }
+    if (s == 0) {
+      ws.gD[row] = gD;
+      ws.gbias[row] = gbias;
+    }
+  }
+}
+
+inline void check_state_size(int64_t N) {
+  if (N < 1 || N > 64)
+    throw std::invalid_argument("selective_scan (cuda): state size N = " + std::to_string(N) +
+                                " is not supported by the CUDA kernel (1 <= N <= 64); use backend='ref' or the CPU");
+}
+
+// Raises a kernel's dynamic shared-memory limit once per device (outside any
+// graph capture that may follow the first call).
+template <typename K>
+void set_smem(K kernel, size_t bytes) {
+  static bool done[64] = {};
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "selective_scan: cudaGetDevice");
+  if (dev < 64 && done[dev]) return;
+  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+             "selective_scan: raising the shared-memory limit");
+  if (dev < 64) done[dev] = true;
+}
+
+inline unsigned grid_size(const P& p, int rows_per_block) {
+  const int64_t dpg = p.dim / p.groups, nblk = (dpg + rows_per_block - 1) / rows_per_block;
+  const int64_t n = p.batch * p.groups * nblk;
+  if (n > 0x7fffffffLL) throw std::invalid_argument("selective_scan (cuda): batch * dim too large for the grid");
+  return unsigned(n);
+}
+
+template <typename T, int NT, int S>
+void run_fwd(const P& p) {
+  using Sh = Shape<NT, S>;
+  auto k = fwd_kernel<T, NT, S>;
+  set_smem(k, Sh::fwd_smem());
+  k<<<grid_size(p, Sh::kRows), kThreads, Sh::fwd_smem(), reinterpret_cast<cudaStream_t>(p.stream)>>>(p);
+  cuda_check(cudaGetLastError(), "selective_scan forward kernel");
+}
+
+template <typename T, int NT, int S>
+void run_bwd(const P& p, const BwdWorkspace& ws) {
+  using Sh = Shape<NT, S>;
+  auto k = bwd_kernel<T, NT, S>;
+  set_smem(k, Sh::bwd_smem());
+  k<<<grid_size(p, Sh::kRows), kThreads, Sh::bwd_smem(), reinterpret_cast<cudaStream_t>(p.stream)>>>(p, ws);
+  cuda_check(cudaGetLastError(), "selective_scan backward kernel");
+}
+
+// (NT, S) by state size: S = 4 lanes a channel, NT states a lane.
+template <typename T>
+void launch_fwd(const P& p) {
+  check_state_size(p.dstate);
+  if (p.dstate <= 16) run_fwd<T, 4, 4>(p);
+  else if (p.dstate <= 32) run_fwd<T, 8, 4>(p);
+  else run_fwd<T, 16, 4>(p);
+}
+
+template <typename T>
+void launch_bwd(const P& p, const BwdWorkspace& ws) {
+  check_state_size(p.dstate);
+  if (p.dstate <= 16) run_bwd<T, 4, 4>(p, ws);
+  else if (p.dstate <= 32) run_bwd<T, 8, 4>(p, ws);
+  else run_bwd<T, 16, 4>(p, ws);
+}
+
+}  // namespace ss
+}  // namespace ssmlab
