@@ -147,11 +147,15 @@ def train_char_lm(model: nn.Module, corpus: Any, cfg: TrainConfig, lm: CharLMCon
     result = train(model, lm_loss, data, cfg, eval_fn=eval_fn)
     train_recs = [r for r in result.history if r["kind"] == "train"]
     evals = [r for r in result.history if r["kind"] == "eval"]
+    if not evals or evals[-1]["step"] != result.step:  # stopped early by cfg.time_limit_s: score the model we have
+        evals.append({"kind": "eval", "step": result.step, **eval_fn(model)})
+        result.history.append(evals[-1])
     return {
         "val_bpc": evals[-1]["val_bpc"] if evals else None,
         "first_loss": train_recs[0]["loss"] if train_recs else None,
         "last_loss": train_recs[-1]["loss"] if train_recs else None,
         "steps": result.step,
+        "finished": result.finished,  # False if cfg.time_limit_s stopped it before cfg.max_steps
         "train_config": {k: v for k, v in asdict(cfg).items()},
         "lm_config": asdict(lm),
         "history": result.history,

@@ -19,13 +19,14 @@ typically H channels, broadcast together:
     Ā (..., N, N),  B̄ (..., N),  C (..., N),  D (...) or None,  u (..., L),  K (..., L)
 
 Fast paths and their readable twins, same signatures:
-`ssm_kernel` (powers of Ā by doubling, log L matmuls) / `ssm_kernel_ref`
+`ssm_kernel` (powers of Ā by doubling, O(log L) matmuls, O(N sqrt L) memory) / `ssm_kernel_ref`
 (one matrix-vector product per step); `causal_conv` (FFT) / `causal_conv_ref`
 (the sum above, O(L^2)).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -61,23 +62,36 @@ def ssm_kernel_ref(Ad: Tensor, Bd: Tensor, C: Tensor, L: int) -> Tensor:
     return torch.stack(out, dim=-1)
 
 
-def ssm_kernel(Ad: Tensor, Bd: Tensor, C: Tensor, L: int) -> Tensor:
-    """Same as `ssm_kernel_ref`, by doubling: ceil(log2 L) matrix products instead of L.
+def _krylov(P: Tensor, X: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """[X, P X, P^2 X, ..., P^{n-1} X] along the last axis by doubling, and P^{n'} (n' >= n columns made).
 
-    With X_k = [B̄, ĀB̄, ..., Ā^{k-1}B̄] (columns), X_{2k} = [X_k, Ā^k X_k]
-    and Ā^{2k} = (Ā^k)^2.
+    P (..., N, N), X (..., N, 1) -> (..., N, n). ceil(log2 n) matrix products.
     """
-    _check_system(Ad, Bd, C)
+    while X.shape[-1] < n:
+        X = torch.cat([X, P @ X], dim=-1)  # [X_k, P^k X_k]
+        if X.shape[-1] < n:
+            P = P @ P  # P^{2k}
+    return X[..., :n], P
+
+
+def ssm_kernel(Ad: Tensor, Bd: Tensor, C: Tensor, L: int) -> Tensor:
+    """Same as `ssm_kernel_ref`, in O(log L) matrix products and O(N sqrt L) memory per channel.
+
+    Write l = i + j s with s = ceil(sqrt L), 0 <= i < s. Then
+    K_l = C Ā^l B̄ = (C Ā^{j s}) (Ā^i B̄): a (J, N) @ (N, s) product whose
+    J·s >= L entries, read row by row, are K. Both factors are built by
+    doubling: [v, Ā v, ..., Ā^{k-1} v] -> [.., Ā^k (..)] with Ā^{2k} = (Ā^k)^2.
+    """
+    N = _check_system(Ad, Bd, C)
     _check_length(L)
     batch = torch.broadcast_shapes(Ad.shape[:-2], Bd.shape[:-1], C.shape[:-1])
-    X = Bd.expand(*batch, Bd.shape[-1]).unsqueeze(-1)  # (..., N, 1)
-    P = Ad  # Ā^k, k = number of columns of X
-    while X.shape[-1] < L:
-        X = torch.cat([X, P @ X], dim=-1)
-        if X.shape[-1] < L:
-            P = P @ P
-    X = X[..., :L]  # (..., N, L)
-    return (C.unsqueeze(-2) @ X).squeeze(-2)  # (..., L)
+    s = math.isqrt(L - 1) + 1  # ceil(sqrt(L))
+    J = -(-L // s)  # ceil(L / s)
+    right, _ = _krylov(Ad, Bd.expand(*batch, N).unsqueeze(-1), s)  # (..., N, s): Ā^i B̄
+    As = torch.linalg.matrix_power(Ad, s)  # Ā^s
+    left, _ = _krylov(As.transpose(-1, -2), C.expand(*batch, N).unsqueeze(-1), J)  # (..., N, J): (C Ā^{js})ᵀ
+    K = left.transpose(-1, -2) @ right  # (..., J, s)
+    return K.flatten(-2)[..., :L]
 
 
 # ----------------------------------------------------------------------------- causal convolution

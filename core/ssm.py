@@ -219,6 +219,11 @@ class SSMBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self.drop(self.mix(F.gelu(self.ssm(self.norm(x)))))
 
+    def step(self, state: Tensor, x_t: Tensor, cache=None) -> tuple[Tensor, Tensor]:
+        """One time step: x_t (B, H), SSM state (B, H, N) -> (output (B, H), new state)."""
+        y, state = self.ssm.step(state, self.norm(x_t), cache)
+        return x_t + self.drop(self.mix(F.gelu(y))), state
+
 
 class SSMSequenceModel(nn.Module):
     """Linear encoder -> n_layers SSMBlocks -> LayerNorm -> linear decoder. (B, L, d_in) -> (B, L, d_out)."""
@@ -235,6 +240,23 @@ class SSMSequenceModel(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.decoder(self.norm(x))
+
+    def init_state(self, batch: int) -> list[Tensor]:
+        """Zero states for `step`, one (B, H, N) per block."""
+        p = self.encoder.weight
+        return [torch.zeros(batch, b.ssm.H, b.ssm.N, dtype=p.dtype, device=p.device) for b in self.blocks]
+
+    def step(self, states: list[Tensor], u_t: Tensor, caches=None) -> tuple[Tensor, list[Tensor]]:
+        """Recurrent mode for streaming: u_t (B, d_in) -> (output (B, d_out), new states).
+
+        `caches` = [block.ssm.discrete() for block in self.blocks] skips re-discretizing.
+        """
+        x = self.encoder(u_t)
+        new = []
+        for i, block in enumerate(self.blocks):
+            x, st = block.step(states[i], x, None if caches is None else caches[i])
+            new.append(st)
+        return self.decoder(self.norm(x)), new
 
 
 class SSMCharLM(nn.Module):

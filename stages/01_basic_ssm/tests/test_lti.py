@@ -130,3 +130,15 @@ def test_bad_arguments():
         SSMLayer(4, dt_min=-1.0)
     with pytest.raises(ValueError, match="method"):
         SSMLayer(4, method="forward_euler")
+
+
+def test_sequence_model_step_equals_forward():
+    torch.manual_seed(2)
+    model = SSMSequenceModel(2, 3, H=6, N=4, n_layers=2).double()
+    u = torch.randn(3, 11, 2, dtype=torch.float64)
+    y = model(u)
+    states, caches, ys = model.init_state(3), [b.ssm.discrete() for b in model.blocks], []
+    for t in range(11):
+        y_t, states = model.step(states, u[:, t], caches)
+        ys.append(y_t)
+    assert_close_rel(torch.stack(ys, 1), y, torch.float64, "model step vs forward")
