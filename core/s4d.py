@@ -70,11 +70,9 @@ def s4d_init(N: int, init: str = "legs") -> tuple[Tensor, Tensor, bool]:
         A = torch.complex(-(torch.arange(N, dtype=torch.float64) + 1), torch.zeros(N, dtype=torch.float64))
         return A.to(torch.complex64), torch.ones_like(A).to(torch.complex64), False
     else:
-        from ssmlab.core import nplr  # stage 02: HiPPO-LegS = V (Λ - P P^*) V^*
+        from ssmlab.core.s4 import legs_nplr  # HiPPO-LegS = V (Λ - P P^*) V^*: keep Λ and V^* B
 
-        Lam, P, Bv, V = nplr.nplr_legs(N)
-        keep = Lam.imag > 0 if (Lam.imag > 0).sum() == N // 2 else torch.argsort(Lam.imag)[N // 2 :]
-        A, B = Lam[keep], Bv[keep]
+        A, _, B = legs_nplr(N)
     return A.to(torch.complex64), B.to(torch.complex64), True
 
 

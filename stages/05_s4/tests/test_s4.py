@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssmlab.core.lti import ssm_kernel_ref
-from ssmlab.core.s4 import bilinear_dense, dplr_dense, legs_nplr, s4_kernel, s4_layer
+from ssmlab.core.s4 import bilinear_dense, dplr_dense, hippo_legs, legs_nplr, s4_kernel, s4_layer
 from ssmlab.core.testing import assert_close_rel
 
 
@@ -43,19 +43,20 @@ def test_cauchy_woodbury_kernel_equals_powering(H, Np, r, c, L):
         assert_close_rel(got, want, torch.float64, f"lean={lean}", factor=1e2)  # 1e-8
 
 
-def test_legs_nplr_reproduces_hippo():
-    """The stored modes plus conjugates rebuild a matrix with LegS's spectrum."""
-    N = 8
-    Lam, P, B = legs_nplr(N)
-    assert Lam.shape == (N // 2,) and P.shape == (1, N // 2) and B.shape == (N // 2,)
-    A, _ = dplr_dense(Lam.unsqueeze(0), P.unsqueeze(1), B.unsqueeze(0))
-    n = torch.arange(N, dtype=torch.float64)
-    legs = -torch.where(n[:, None] > n[None, :], (2 * n[:, None] + 1).sqrt() * (2 * n[None, :] + 1).sqrt(),
-                        torch.diag(n + 1))  # HiPPO-LegS, eq. (2) of S4
-    ev = torch.linalg.eigvals(A[0])
-    ev_ref = torch.linalg.eigvals(legs.to(torch.complex128))
-    key = lambda e: sorted(zip(e.real.round(decimals=6).tolist(), e.imag.abs().round(decimals=6).tolist()))
-    assert key(ev) == key(ev_ref)
+@pytest.mark.parametrize("N", [2, 8, 64])
+def test_legs_nplr_reproduces_hippo(N):
+    """V (Λ - P P^*) V^* = A and V B~ = B, with the stored modes plus their conjugates."""
+    Lam, P, B, V = legs_nplr(N, return_V=True)
+    assert Lam.shape == (N // 2,) and P.shape == (1, N // 2) and B.shape == (N // 2,) and V.shape == (N, N // 2)
+    assert torch.allclose(Lam.real, torch.full((N // 2,), -0.5, dtype=torch.float64)) and torch.all(Lam.imag > 0)
+    A, Bf = dplr_dense(Lam.unsqueeze(0), P.unsqueeze(1), B.unsqueeze(0))
+    Vf = torch.cat([V, V.conj()], dim=1)  # (N, N) unitary
+    assert torch.allclose(Vf.conj().T @ Vf, torch.eye(N, dtype=torch.complex128), atol=1e-10)
+    A_legs, B_legs = hippo_legs(N)
+    assert torch.allclose(Vf @ A[0] @ Vf.conj().T, A_legs.to(torch.complex128), atol=1e-9 * N)
+    assert torch.allclose(Vf @ Bf[0], B_legs.to(torch.complex128), atol=1e-9 * N)
+    if N >= 3:  # eq. (2) of S4, entry by entry
+        assert abs(A_legs[2, 1] + 15**0.5) < 1e-12 and A_legs[1, 1] == -2 and A_legs[1, 2] == 0
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

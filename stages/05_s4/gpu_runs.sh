@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Stage 05 GPU runs (written for one H100): the IMDb table, the kernel benchmark, the S4D char-LM rung.
+#
+# Each call runs ONE job for at most ~8 minutes of training (--time-limit 480), then evaluates on the
+# full test split if training is complete. Exit status:
+#   0   done: stages/05_s4/results/<name>.json and .png written (and copied to $OUT when it is set)
+#   3   time limit reached, checkpoint saved under runs/05_s4/<name>/: run the SAME line again to resume
+# Anything else is an error (2: the data was not found).
+#
+# Usage (from the repository root):
+#   mkdir -p .data && cp ../shared/datasets/aclImdb.tar.gz .data/     # once; .data/ is git-ignored: carry it
+#   bash stages/05_s4/gpu_runs.sh <job>
+#   bash stages/05_s4/gpu_runs.sh list
+#
+# Jobs (one model per job so each fits a 10-minute slot; rerun a job while it exits 3):
+#   bpe-mamba  bpe-s4d  bpe-s4  bpe-transformer     subword (BPE 8192 trained on train), max 1024 tokens, ~6M params
+#   byte-s4d   byte-s4  byte-mamba                  bytes, length 4096 (the LRA text setting), ~1M params
+#   bench                                           kernel generation time / memory vs L (up to 131072)
+#   charlm                                          S4D character LM (the ladder's corpus), ~1.3M params
+#
+# Priority when device time is short: bpe-mamba, bpe-s4d, byte-s4d, bpe-s4, bench, the rest.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python}
+STAGE=stages/05_s4
+export SSMLAB_IMDB=${SSMLAB_IMDB:-.data/aclImdb.tar.gz}
+COMMON=(--device cuda --time-limit 480 --threads 4 --no-progress)
+
+copy_out() {  # copy the finished job's small results to $OUT (the device tool brings them back)
+  if [[ -n "${OUT:-}" ]]; then cp "$@" "$OUT"/ 2>/dev/null || true; fi
+}
+
+run_imdb() {  # $1 tokenizer, $2 model, rest: extra flags
+  local tok=$1 model=$2; shift 2
+  local name="imdb_${model}_${tok}"
+  if [[ ! -e "$SSMLAB_IMDB" ]]; then
+    echo "no IMDb archive at $SSMLAB_IMDB: copy ../shared/datasets/aclImdb.tar.gz to .data/ (and carry .data)" >&2
+    exit 2
+  fi
+  set +e
+  "$PY" "$STAGE/train_imdb.py" --model "$model" --tokenizer "$tok" --name "$name" "${COMMON[@]}" "$@"
+  local rc=$?
+  set -e
+  if [[ $rc -eq 0 ]]; then copy_out "$STAGE/results/$name.json" "$STAGE/results/$name.png"; fi
+  exit $rc
+}
+
+job=${1:-list}
+case "$job" in
+  bpe-mamba|bpe-s4d|bpe-s4|bpe-transformer) run_imdb bpe "${job#bpe-}" ;;
+  byte-s4d|byte-s4|byte-mamba)              run_imdb byte "${job#byte-}" ;;
+  bench)
+    "$PY" "$STAGE/bench_kernel.py" --device cuda --H 256
+    copy_out "$STAGE/results/bench_kernel_cuda.json" "$STAGE/results/bench_kernel_cuda.png" ;;
+  charlm)
+    "$PY" "$STAGE/train_charlm.py" --device cuda --d-model 256 --n-layers 6 --steps 3000 --batch-size 64 \
+      --eval-every 500 --eval-chars 0 --name charlm_s4d_gpu --no-progress
+    copy_out "$STAGE/results/charlm_s4d_gpu.json" "$STAGE/results/charlm_s4d_gpu.png" ;;
+  list)
+    sed -n '/^# Jobs/,/^#   charlm/p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) echo "unknown job: $job (try: bash $0 list)" >&2; exit 2 ;;
+esac
