@@ -107,13 +107,15 @@ def selective_scan_ref(
     Bx = per_channel(B.to(acc), dim) if B.dim() > 2 else B.to(acc)  # (B, D, N, L) or (D, N)
     Cx = per_channel(C.to(acc), dim) if C.dim() > 2 else C.to(acc)
     h = u.new_zeros((batch, dim, A.shape[1]), dtype=acc) if initial_state is None else initial_state.to(acc)
+    # Split along L once (indexing step by step would make autograd's backward O(L^2)).
+    dts, dus = dt.unbind(-1), (dt * u.to(acc)).unbind(-1)  # each (B, D)
+    Bs = Bx.unbind(-1) if Bx.dim() == 4 else [Bx] * L  # each (B, D, N) or (D, N)
+    Cs = Cx.unbind(-1) if Cx.dim() == 4 else [Cx] * L
     ys = []
     for t in range(L):
-        A_bar = torch.exp(dt[:, :, t, None] * A)  # (B, D, N)
-        B_t = Bx[..., t] if Bx.dim() == 4 else Bx
-        C_t = Cx[..., t] if Cx.dim() == 4 else Cx
-        h = A_bar * h + (dt[:, :, t] * u[:, :, t].to(acc))[..., None] * B_t
-        ys.append((h * C_t).sum(-1))  # (B, D)
+        A_bar = torch.exp(dts[t][..., None] * A)  # (B, D, N)
+        h = A_bar * h + dus[t][..., None] * Bs[t]
+        ys.append((h * Cs[t]).sum(-1))  # (B, D)
     out = _finish(torch.stack(ys, dim=-1), u, D, z, acc)
     return (out, h) if return_last_state else out
 
@@ -445,7 +447,13 @@ def _normalise(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
     u, delta = _unit_stride(u), _unit_stride(delta)
     z = None if z is None else _unit_stride(z)
-    return u, delta, f32(A), bc(B), bc(C), f32(D), z, f32(delta_bias), f32(initial_state)
+    B, C = bc(B), bc(C)
+    if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
+        # The kernels take one group count: a one-group (batch, N, L) matrix
+        # is broadcast over the other's groups (a stride-0 view, no copy).
+        G = max(B.shape[1], C.shape[1])
+        B, C = B.expand(-1, G, -1, -1), C.expand(-1, G, -1, -1)
+    return u, delta, f32(A), B, C, f32(D), z, f32(delta_bias), f32(initial_state)
 
 
 def selective_scan_native(

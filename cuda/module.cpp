@@ -14,6 +14,9 @@
 #ifdef SSMLAB_WITH_CUDA
 #include <cuda_runtime.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace py = pybind11;
 using namespace ssmlab;
@@ -173,6 +176,21 @@ PYBIND11_MODULE(_native, m) {
 #else
   m.attr("built_with_openmp") = false;
 #endif
+  // The native kernels use the OpenMP runtime this module links, which may not
+  // be the one PyTorch ships (torch.set_num_threads need not reach it).
+  m.def("openmp_max_threads", []() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  }, "Threads the native CPU kernels use.");
+  m.def("set_openmp_threads", [](int n) {
+    if (n < 1) throw std::invalid_argument("set_openmp_threads: n must be >= 1");
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+  }, "Set the threads of the native CPU kernels (results do not depend on it).");
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices visible to the native module (0 without a GPU).");
   bind_linear_scan(m);
   bind_selective_scan(m);
