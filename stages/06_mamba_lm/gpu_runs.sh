@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Full-size synthetic-task runs of stage 06 on one GPU (written for an H100).
 #
-# Each call runs ONE chunk of at most ~8 minutes of training (--time-limit-min 8),
+# Each call runs ONE chunk of at most ~7 minutes of training (--time-limit-min 7),
 # then evaluates if training is complete. Exit status:
 #   0   done: results/<task>_<preset>.json and .png written (merged with other models' entries)
 #   75  time limit reached, checkpoint saved under runs/06_mamba_lm/: run the SAME line again to resume
@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 STAGE=stages/06_mamba_lm
-COMMON=(--device cuda --precision auto --time-limit-min 8 --threads 4 --no-progress)
+COMMON=(--device cuda --precision auto --time-limit-min 7 --threads 4 --no-progress)
 
 job=${1:-list}
 case "$job" in

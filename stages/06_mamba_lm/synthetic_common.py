@@ -46,7 +46,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on CUDA")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these tiny models on a shared CPU)")
     p.add_argument("--time-limit-min", type=float, default=0.0,
                    help="stop training (checkpointed) after this many minutes; rerun the command to resume")
     p.add_argument("--out", type=Path, help="output folder for JSON and PNG (default: the stage's results/)")
@@ -136,10 +136,13 @@ def train_model(model, data, args, out_dir: Path, eval_fn=None) -> dict:
                       out_dir=str(out_dir), progress=not args.no_progress, time_limit_s=time_left_s(args))
     t0 = time.perf_counter()
     result = train(model, masked_loss, data, cfg, eval_fn=eval_fn)
-    last = [h for h in result.history if h.get("kind") == "train"]
-    return {"steps_done": result.step, "finished": result.finished, "train_time_s": round(time.perf_counter() - t0, 1),
+    log = out_dir / "log.jsonl"  # all chunks of a resumed run, not only this call's
+    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []
+    last = [r for r in records if r.get("kind") == "train"]
+    return {"steps_done": result.step, "finished": result.finished,
+            "wall_time_this_call_s": round(time.perf_counter() - t0, 1),
             "final_train_loss": last[-1]["loss"] if last else None, "final_train_acc": last[-1].get("acc") if last else None,
-            "autocast": str(cfg.autocast_dtype())}
+            "autocast": str(cfg.autocast_dtype()), "resumed_from": result.resumed_from}
 
 
 def save_results(out: Path, name: str, results: dict) -> dict:
