@@ -128,11 +128,13 @@ def chunked_lm_loss(model, x, y, V: int, chunk_tokens: int = 8192):
     targets = y.flatten()
     weight = model.lm_head.weight
 
+    acc = torch.promote_types(h.dtype, torch.float32)  # float32 at least (float64 stays, for the test)
+
     def piece(h_chunk, t_chunk):
-        logits = F.linear(h_chunk, weight)[:, :V].float()
+        logits = F.linear(h_chunk, weight)[:, :V].to(acc)
         return F.cross_entropy(logits, t_chunk, reduction="sum")
 
-    total = h.new_zeros((), dtype=torch.float32)
+    total = h.new_zeros((), dtype=acc)
     for start in range(0, h.shape[0], chunk_tokens):
         sl = slice(start, start + chunk_tokens)
         total = total + checkpoint(piece, h[sl], targets[sl], use_reentrant=False)
@@ -387,50 +389,46 @@ def plot(out: Path, train_rows, gen_rows, mem_rows, device_name: str) -> list[Pa
         plt.close(fig)
         paths.append(out / name)
 
-    def series(rows, x, y, model):
-        pts = [(r[x], r[y]) for r in rows if r["model"] == model and isinstance(r.get(y), (int, float))]
-        return zip(*pts) if pts else ((), ())
+    def panel(ax, rows, x, y, xlabel, ylabel, title, logy=False) -> None:
+        """One curve per model; an empty panel says so instead of failing on log axes."""
+        drawn = False
+        for name in MODELS:
+            pts = [(r[x], r[y]) for r in rows if r["model"] == name and isinstance(r.get(y), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=name)
+                drawn = True
+            for r in rows:
+                if r["model"] == name and r.get("status") == "OOM" and x in r:
+                    ax.axvline(r[x], color="C0" if name == "mamba" else "C1", ls=":", lw=1)
+                    ax.text(r[x], 0.5, f"{name} OOM", rotation=90, transform=ax.get_xaxis_transform(), fontsize=7)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        if drawn:
+            ax.set_xscale("log", base=2)
+            if logy:
+                ax.set_yscale("log")
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "not measured here (GPU only)", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(alpha=0.3)
 
     if train_rows:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for name in MODELS:
-            axes[0].plot(*series(train_rows, "L", "tokens_per_s", name), "o-", label=name)
-            axes[1].plot(*series(train_rows, "L", "peak_gib", name), "o-", label=name)
-            for r in train_rows:
-                if r["model"] == name and r["status"] == "OOM":
-                    axes[0].annotate("OOM", (r["L"], 0), color="C0" if name == "mamba" else "C1")
-        axes[0].set(xscale="log", xlabel="sequence length L (B x L constant)", ylabel="training tokens/s",
-                    title=f"training throughput ({device_name})")
-        axes[1].set(xscale="log", xlabel="sequence length L (B x L constant)", ylabel="peak memory (GiB)",
-                    title="training peak memory")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            ax.legend()
+        panel(axes[0], train_rows, "L", "tokens_per_s", "sequence length L (B x L constant)", "training tokens/s",
+              f"training throughput ({device_name})")
+        panel(axes[1], train_rows, "L", "peak_gib", "sequence length L (B x L constant)", "peak memory (GiB)",
+              "training peak memory")
         save(fig, "train_speed.png")
     if gen_rows:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for name in MODELS:
-            ax.plot(*series(gen_rows, "batch", "tokens_per_s", name), "o-", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="generated tokens/s",
-               title=f"generation throughput ({device_name})")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        panel(ax, gen_rows, "batch", "tokens_per_s", "batch size", "generated tokens/s (prefill + decode)",
+              f"generation throughput ({device_name})", logy=True)
         save(fig, "gen_throughput.png")
     if mem_rows:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for name in MODELS:
-            axes[0].plot(*series(mem_rows, "L", "state_mib", name), "o-", label=name)
-            axes[1].plot(*series(mem_rows, "L", "train_peak_gib", name), "o-", label=name)
-        axes[0].set(xscale="log", xlabel="context length L", ylabel="inference state (MiB)",
-                    title="generation state after L tokens (batch 1)")
-        axes[1].set(xscale="log", xlabel="sequence length L", ylabel="peak memory (GiB)",
-                    title="training step at batch 1" + ("" if any(isinstance(r.get("train_peak_gib"), float) for r in mem_rows)
-                                                        else " (GPU only)"))
-        for ax in axes:
-            if ax.has_data():
-                ax.set_yscale("log")
-                ax.legend()
-            ax.grid(alpha=0.3)
+        panel(axes[0], mem_rows, "L", "state_mib", "context length L", "inference state (MiB)",
+              "generation state after L tokens (batch 1)", logy=True)
+        panel(axes[1], mem_rows, "L", "train_peak_gib", "sequence length L", "peak memory (GiB)",
+              "training step at batch 1", logy=True)
         save(fig, "memory_vs_context.png")
     return paths
 
@@ -455,16 +453,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    if p.parse_known_args(argv)[0].quick:  # tiny defaults; flags given explicitly still win
+        p.set_defaults(size="tiny", vocab_size=256, lengths=[32, 64, 128], tokens_per_step=256, gen_batches=[1, 4],
+                       prompt_len=32, new_tokens=8, mem_lengths=[32, 64, 128], warmup=1, repeats=2, device="cpu",
+                       out=str(DEFAULT_OUT / "quick"))
     args = p.parse_args(argv)
-    if args.quick:
-        args.size, args.vocab_size = "tiny", 256
-        args.lengths, args.tokens_per_step = [32, 64, 128], 256
-        args.gen_batches, args.prompt_len, args.new_tokens = [1, 4], 32, 8
-        args.mem_lengths, args.warmup, args.repeats = [32, 64, 128], 1, 2
-        if args.device == "auto":
-            args.device = "cpu"
-        if args.out == str(DEFAULT_OUT):
-            args.out = str(DEFAULT_OUT / "quick")
     return args
 
 

@@ -143,3 +143,40 @@ def test_time_limit_stops_at_a_checkpoint_and_the_rerun_finishes(text_file, tmp_
     with pytest.raises(SystemExit) as exit_info:  # a command-line run reports the unfinished state by its status
         train_lm.main()
     assert exit_info.value.code == train_lm.EXIT_UNFINISHED
+
+
+@pytest.mark.slow
+def test_bench_speed_quick(tmp_path):
+    """bench_speed.py's CPU smoke mode: every section runs, merges with earlier runs, writes table, JSON and PNGs."""
+    bench = _script("bench_speed")
+    small = ["--quick", "--lengths", "16", "32", "--gen-batches", "1", "2", "--mem-lengths", "16", "32",
+             "--repeats", "1", "--warmup", "0", "--new-tokens", "3", "--prompt-len", "8", "--out", str(tmp_path)]
+    bench.main([*small, "--models", "mamba"])
+    rows = bench.main([*small, "--models", "transformer", "--sections", "train"])  # merged with the first run
+    assert {(r["model"], r["L"]) for r in rows["train"]} == {(m, L) for m in ("mamba", "transformer") for L in (16, 32)}
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 and r["batch"] * r["L"] == 256 for r in rows["train"])
+    gen = rows["gen"]
+    assert [r["batch"] for r in gen] == [1, 2] and all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in gen)
+    mem = {r["L"]: r for r in rows["memory"]}
+    assert mem[16]["state_mib"] == mem[32]["state_mib"] > 0  # Mamba's inference state does not grow with L
+    table = (tmp_path / "bench_speed.md").read_text()
+    assert "Training throughput Mamba / Transformer at L = 32" in table
+    assert all((tmp_path / n).exists() for n in ("train_speed.png", "gen_throughput.png", "memory_vs_context.png"))
+
+
+def test_chunked_loss_equals_plain_loss():
+    bench = _script("bench_speed")
+    from ssmlab.core.mamba import MambaConfig
+
+    torch.manual_seed(0)
+    mcfg = MambaConfig(n_layer=2, d_model=16, vocab_size=30)
+    for name in ("mamba", "transformer"):
+        model, _ = bench.build(name, mcfg, "cpu")
+        model.double()
+        x, y = torch.randint(0, 30, (2, 9)), torch.randint(0, 30, (2, 9))
+        plain = torch.nn.functional.cross_entropy(model(x)[..., :30].flatten(0, 1), y.flatten())
+        g_plain = torch.autograd.grad(plain, model.lm_head.weight)[0]
+        chunked = bench.chunked_lm_loss(model, x, y, 30, chunk_tokens=4)
+        g_chunked = torch.autograd.grad(chunked, model.lm_head.weight)[0]
+        assert chunked.item() == pytest.approx(plain.item(), rel=1e-12)
+        assert torch.allclose(g_chunked, g_plain, rtol=1e-10, atol=1e-12)
