@@ -8,7 +8,10 @@ Three measurements (CUDA events and medians on GPU; wall clock on CPU):
    constant. Out-of-memory is caught and reported, not fatal.
 2. ``gen``: generation throughput at batch {1, 16, 64}: a 2048-token prompt
    (prefill) then 256 greedy tokens; tokens/s = B * 256 / (prefill + decoding),
-   and the decoding steps alone. Weights in bf16 on GPU.
+   and the decoding steps alone. Weights in bf16 on GPU. On CUDA, extra rows
+   ``mamba-graph`` decode Mamba through one captured CUDA graph per batch
+   size (`StaticMambaStep`, captured before timing, as a server would); the
+   Transformer's growing KV cache is not captured (eager only).
 3. ``memory``: memory against context length L at batch 1: the inference
    state after a prefill of L tokens (Mamba: conv + SSM state, constant; the
    Transformer: its KV cache, linear in L), the peak memory of that prefill,
@@ -49,6 +52,7 @@ from ssmlab.core.transformer import TransformerLM, match_mamba, param_count as t
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "bench"
 MODELS = ("mamba", "transformer")
+PLOTTED = ("mamba", "mamba-graph", "transformer")  # gen rows may also hold Mamba decoding through a CUDA graph
 
 
 # --------------------------------------------------------------------------- timing and memory
@@ -192,17 +196,76 @@ def bench_train(name, mcfg, lengths, tokens_per_step, device, timer, warmup, rep
 # --------------------------------------------------------------------------- 2. generation
 
 
+class StaticMambaStep:
+    """Mamba's decoding step on fixed buffers, captured once in a CUDA graph and replayed.
+
+    A Mamba layer's state has a fixed shape, so one step is a fixed sequence of
+    kernels: capturing it removes the per-kernel launch cost that dominates
+    small steps. The state lives in static tensors; every step copies the new
+    state back into them (inside the graph). The Transformer's KV cache grows
+    by one position per step, so its step cannot be captured this simply.
+    Without `capture` (CPU, tests) the same buffer logic runs eagerly.
+    """
+
+    def __init__(self, model: MambaLMHeadModel, batch: int, capture: bool):
+        self.model = model
+        self.caches = model.allocate_cache(batch)
+        self.static = [(c.conv_state, c.ssm_state) for c in self.caches]
+        self.token = torch.zeros(batch, dtype=torch.long, device=self.static[0][0].device)
+        self.graph = None
+        if capture:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):  # warm-up outside the graph (allocator, lazy init)
+                for _ in range(2):
+                    self._run()
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._run()
+
+    def _run(self) -> torch.Tensor:
+        for c, (conv, ssm) in zip(self.caches, self.static):
+            c.conv_state, c.ssm_state = conv, ssm
+        logits = self.model.step(self.token, self.caches)
+        for c, (conv, ssm) in zip(self.caches, self.static):
+            conv.copy_(c.conv_state)
+            ssm.copy_(c.ssm_state)
+        return logits
+
+    def load(self, caches) -> None:
+        """Continue from `caches` (e.g. just prefilled): copy their state into the static buffers."""
+        for c, (conv, ssm) in zip(caches, self.static):
+            conv.copy_(c.conv_state)
+            ssm.copy_(c.ssm_state)
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.logits
+
+
 @torch.no_grad()
-def greedy_generate(model, prompt: torch.Tensor, new_tokens: int, V: int, max_seqlen: int):
-    """Prefill then `new_tokens` greedy steps, the same loop for both models; returns (ids, caches)."""
+def greedy_generate(model, prompt: torch.Tensor, new_tokens: int, V: int, max_seqlen: int,
+                    static_step: Optional[StaticMambaStep] = None):
+    """Prefill then `new_tokens` greedy steps, the same loop for both models; returns (ids, caches).
+
+    static_step: decode Mamba through a `StaticMambaStep` (CUDA graph) instead of `model.step`.
+    """
     B = prompt.shape[0]
     caches = (model.allocate_cache(B) if isinstance(model, MambaLMHeadModel)
               else model.allocate_cache(B, max_seqlen=max_seqlen))
     h = hidden_states(model, prompt, caches)[:, -1]  # (B, D): only the last position needs logits
     token = model.lm_head(h)[:, :V].argmax(-1)
     out = [token]
+    if static_step is not None:
+        static_step.load(caches)
+        caches = static_step.caches
     for _ in range(new_tokens - 1):
-        token = model.step(token, caches)[:, :V].argmax(-1)
+        logits = model.step(token, caches) if static_step is None else static_step(token)
+        token = logits[:, :V].argmax(-1)
         out.append(token)
     return torch.stack(out, 1), caches
 
@@ -211,7 +274,9 @@ def state_bytes(caches) -> int:
     return sum(c.nbytes() for c in caches)
 
 
-def bench_gen(name, mcfg, batches, prompt_len, new_tokens, device, timer, warmup, repeats, log) -> list[dict]:
+def bench_gen(name, mcfg, batches, prompt_len, new_tokens, device, timer, warmup, repeats, log,
+              graph: bool = False) -> list[dict]:
+    """Generation rows for `name`; with `graph` (Mamba only) the decoding steps replay a CUDA graph."""
     rows = []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -219,24 +284,29 @@ def bench_gen(name, mcfg, batches, prompt_len, new_tokens, device, timer, warmup
     model.eval()
     V = mcfg.vocab_size
     for B in batches:
-        row = {"section": "gen", "model": name, "params": n_params, "batch": B, "prompt": prompt_len,
-               "new_tokens": new_tokens, "dtype": str(dtype).replace("torch.", "")}
+        row = {"section": "gen", "model": name + ("-graph" if graph else ""), "params": n_params, "batch": B,
+               "prompt": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype).replace("torch.", "")}
         prompt = torch.randint(0, V, (B, prompt_len), device=device)
         reset_memory(device)
         try:
-            full = timer(lambda: greedy_generate(model, prompt, new_tokens, V, prompt_len + new_tokens), warmup, repeats)
-            first = timer(lambda: greedy_generate(model, prompt, 1, V, prompt_len + 1), 0, repeats)
-            _, caches = greedy_generate(model, prompt, new_tokens, V, prompt_len + new_tokens)
+            static = StaticMambaStep(model, B, capture=device.type == "cuda") if graph else None  # captured once, untimed
+
+            def run(n):
+                return greedy_generate(model, prompt, n, V, prompt_len + n, static)
+
+            full = timer(lambda: run(new_tokens), warmup, repeats)
+            first = timer(lambda: run(1), 0, repeats)
+            _, caches = run(new_tokens)
             t_full, t_first = statistics.median(full), statistics.median(first)
             row.update(status="ok", total_s=t_full, prefill_s=t_first, tokens_per_s=B * new_tokens / t_full,
                        decode_tokens_per_s=B * (new_tokens - 1) / (t_full - t_first) if t_full > t_first else None,
                        state_mib=state_bytes(caches) / 2**20, peak_gib=peak_gib(device))
             del caches
         except RuntimeError as err:
-            if not is_oom(err):
+            if not is_oom(err) and not graph:
                 raise
-            row.update(status="OOM", error=str(err).splitlines()[0][:200])
-        prompt = None
+            row.update(status="OOM" if is_oom(err) else "error", error=str(err).splitlines()[0][:200])
+        prompt = static = None
         reset_memory(device)
         log(row)
         rows.append(row)
@@ -320,8 +390,8 @@ def fmt(v, spec=".3g") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
-def ratio(rows, x_key, value_key, x) -> Optional[float]:
-    m = next((r for r in rows if r["model"] == "mamba" and r.get(x_key) == x and r.get("status") == "ok"), None)
+def ratio(rows, x_key, value_key, x, mamba: str = "mamba") -> Optional[float]:
+    m = next((r for r in rows if r["model"] == mamba and r.get(x_key) == x and r.get("status") == "ok"), None)
     t = next((r for r in rows if r["model"] == "transformer" and r.get(x_key) == x and r.get("status") == "ok"), None)
     return m[value_key] / t[value_key] if m and t else None
 
@@ -347,9 +417,10 @@ def markdown(train_rows, gen_rows, mem_rows, meta) -> str:
                          f"{fmt(r.get('decode_tokens_per_s'), ',.0f')} | {fmt(r['prefill_s'] * 1e3 if r.get('prefill_s') else None, '.1f')} | "
                          f"{fmt(r.get('state_mib'), '.3f')} | {fmt(r.get('peak_gib'), '.2f')} | {r['status']} |")
         for B in sorted({r["batch"] for r in gen_rows}):
-            q = ratio(gen_rows, "batch", "tokens_per_s", B)
-            if q:
-                lines.append(f"\nGeneration throughput Mamba / Transformer at batch {B}: {q:.2f}x")
+            for variant in ("mamba", "mamba-graph"):
+                q = ratio(gen_rows, "batch", "tokens_per_s", B, variant)
+                if q:
+                    lines.append(f"\nGeneration throughput {variant} / transformer at batch {B}: {q:.2f}x")
         lines.append("")
     if mem_rows:
         lines += ["| model | L | inference state (MiB) | prefill peak (GiB) | training peak, batch 1 (GiB) |", "|---|---|---|---|---|"]
@@ -392,14 +463,14 @@ def plot(out: Path, train_rows, gen_rows, mem_rows, device_name: str) -> list[Pa
     def panel(ax, rows, x, y, xlabel, ylabel, title, logy=False) -> None:
         """One curve per model; an empty panel says so instead of failing on log axes."""
         drawn = False
-        for name in MODELS:
+        for name in PLOTTED:
             pts = [(r[x], r[y]) for r in rows if r["model"] == name and isinstance(r.get(y), (int, float))]
             if pts:
                 ax.plot(*zip(*pts), "o-", label=name)
                 drawn = True
             for r in rows:
                 if r["model"] == name and r.get("status") == "OOM" and x in r:
-                    ax.axvline(r[x], color="C0" if name == "mamba" else "C1", ls=":", lw=1)
+                    ax.axvline(r[x], color="C1" if name == "transformer" else "C0", ls=":", lw=1)
                     ax.text(r[x], 0.5, f"{name} OOM", rotation=90, transform=ax.get_xaxis_transform(), fontsize=7)
         ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
         if drawn:
@@ -447,6 +518,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens-per-step", type=int, default=65536, help="B x L of each training step")
     p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--prompt-len", type=int, default=2048)
+    p.add_argument("--no-graph", action="store_true",
+                   help="gen: skip the extra Mamba rows that decode through a CUDA graph (they run on CUDA only)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--mem-lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
     p.add_argument("--warmup", type=int, default=2)
@@ -490,6 +563,9 @@ def main(argv=None) -> dict:
             elif section == "gen":
                 new += bench_gen(name, mcfg, args.gen_batches, args.prompt_len, args.new_tokens, device, timer,
                                  args.warmup, args.repeats, log)
+                if name == "mamba" and device.type == "cuda" and not args.no_graph:
+                    new += bench_gen(name, mcfg, args.gen_batches, args.prompt_len, args.new_tokens, device, timer,
+                                     args.warmup, args.repeats, log, graph=True)
             else:
                 new += bench_memory(name, mcfg, args.mem_lengths, device, log)
         path = out / f"bench_{section}.json"
