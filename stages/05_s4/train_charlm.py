@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON and PNG")
     p.add_argument("--name", default="charlm_s4d")
     p.add_argument("--run-dir", default=None, help="checkpoints and log (default: runs/05_s4/<name>)")
+    p.add_argument("--sample-chars", type=int, default=300, help="characters to generate after training")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     g = torch.Generator().manual_seed(a.seed)
     sample = corpus.decode(generate(model, corpus.encode("ROMEO:" if "R" in corpus.chars else corpus.text[:6]),
-                                    300, temperature=0.8, generator=g))
+                                    a.sample_chars, temperature=0.8, generator=g))
     dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     result = {"model": "s4d", "params": n_params, "config": cfg.to_dict(), "corpus": corpus.describe(),
               "device": dev_name, "train_seconds": round(seconds, 1), "sample": sample,

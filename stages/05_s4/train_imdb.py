@@ -43,14 +43,14 @@ EXIT_UNFINISHED = 3  # --time-limit stopped the run before its last step: run th
 
 # Defaults per (device kind, tokenizer); flags override any of them.
 DEFAULTS = {
-    ("cuda", "bpe"): dict(max_len=1024, budget=6_000_000, n_layers=4, batch_size=32, epochs=6, train_subset=None,
-                          val_subset=None, test_subset=None, lr=1e-3),
-    ("cuda", "byte"): dict(max_len=4096, budget=1_000_000, n_layers=6, batch_size=32, epochs=10, train_subset=None,
-                           val_subset=None, test_subset=None, lr=2e-3),
-    ("cpu", "bpe"): dict(max_len=256, budget=400_000, n_layers=2, batch_size=32, epochs=2, train_subset=2000,
-                         val_subset=500, test_subset=2000, lr=2e-3),
-    ("cpu", "byte"): dict(max_len=512, budget=100_000, n_layers=2, batch_size=32, epochs=2, train_subset=2000,
-                          val_subset=500, test_subset=2000, lr=2e-3),
+    ("cuda", "bpe"): dict(max_len=1024, vocab_size=8192, budget=6_000_000, n_layers=4, batch_size=32, epochs=5,
+                          train_subset=None, val_subset=None, test_subset=None, lr=1e-3),
+    ("cuda", "byte"): dict(max_len=4096, vocab_size=257, budget=1_000_000, n_layers=6, batch_size=32, epochs=10,
+                           train_subset=None, val_subset=None, test_subset=None, lr=2e-3),
+    ("cpu", "bpe"): dict(max_len=256, vocab_size=4096, budget=400_000, n_layers=2, batch_size=32, epochs=4,
+                         train_subset=4000, val_subset=500, test_subset=2000, lr=5e-3),
+    ("cpu", "byte"): dict(max_len=512, vocab_size=257, budget=100_000, n_layers=2, batch_size=32, epochs=3,
+                          train_subset=4000, val_subset=500, test_subset=2000, lr=5e-3),
 }
 
 
@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "../shared/datasets, download)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--max-len", type=int, default=None, help="truncate reviews to this many tokens")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (trained on train only)")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size, trained on train only "
+                   "(default: 8192 on GPU, 4096 on CPU)")
     p.add_argument("--param-budget", type=int, default=None, help="choose d_model to match this many parameters")
     p.add_argument("--d-model", type=int, default=None, help="model width (overrides --param-budget)")
     p.add_argument("--n-layers", type=int, default=None)
@@ -103,7 +104,7 @@ def resolve_settings(a: argparse.Namespace) -> argparse.Namespace:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     kind = torch.device(a.device).type
     d = DEFAULTS[("cuda" if kind == "cuda" else "cpu", a.tokenizer)]
-    for key in ("max_len", "n_layers", "batch_size", "epochs", "lr"):
+    for key in ("max_len", "vocab_size", "n_layers", "batch_size", "epochs", "lr"):
         if getattr(a, key) is None:
             setattr(a, key, d[key])
     if a.param_budget is None:

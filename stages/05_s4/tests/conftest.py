@@ -58,3 +58,14 @@ def fake_imdb(tmp_path, isolated_cache):
 def make_fake_imdb():
     """The archive writer itself (test modules cannot import conftest under --import-mode=importlib)."""
     return write_fake_imdb
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP spinning on a shared 2-core machine (several times faster)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

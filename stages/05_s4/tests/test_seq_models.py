@@ -41,7 +41,7 @@ def test_a_few_steps_fit_a_toy_task(mixer):
     x[y == 1, 5] = 1
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(20):
+    for _ in range(15):
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -100,7 +100,7 @@ def test_charlm_script_short_run(tmp_path):
     text.write_text("ROMEO: what light through yonder window breaks?\nJULIET: ay me!\n" * 200)
     assert main(["--text", str(text), "--init", "lin", "--steps", "4", "--eval-every", "2", "--eval-chars", "1024", "--d-model", "16",
                  "--n-layers", "1", "--d-state", "4", "--seq-len", "32", "--batch-size", "4", "--device", "cpu",
-                 "--out", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+                 "--out", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--no-progress", "--sample-chars", "8"]) == 0
     out = json.loads((tmp_path / "charlm_s4d.json").read_text())
     assert out["steps"] == 4 and 0 < out["val_bpc"] < 8 and out["params"] > 0
     assert (tmp_path / "charlm_s4d.png").exists()
