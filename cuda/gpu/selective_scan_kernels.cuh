@@ -114,16 +114,6 @@ __device__ __forceinline__ const T* bc_base(const void* X, const int64_t* st, co
   return static_cast<const T*>(X) + q.b * st[0] + q.g * st[1];
 }
 
-// Stages B_t or C_t for t in [t0, t0 + len) time-major into s[t][n] (NP
-// floats a row); states n >= N and steps t >= len are zero.
-template <typename T, int NP>
-__device__ __forceinline__ void stage_bc(float* s, const T* base, int64_t nstride, int N, int64_t t0, int len) {
-  for (int i = threadIdx.x; i < NP * kChunk; i += kThreads) {
-    const int n = i / kChunk, t = i % kChunk;
-    s[t * NP + n] = (n < N && t < len) ? Dev<T>::ld(base + n * nstride + t0 + t) : 0.0f;
-  }
-}
-
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
@@ -132,7 +122,7 @@ template <int NT, int S>
 struct Shape {
   static constexpr int kNT = NT, kS = S, kNP = NT * S, kRows = kThreads / S;
   static constexpr int kTileFloats = kRows * kPad;
-  static size_t fwd_smem() { return sizeof(float) * (3 * kTileFloats + 2 * kChunk * kNP); }
+  static size_t fwd_smem() { return sizeof(float) * (4 * kTileFloats + 2 * kChunk * kNP + 2 * kRows); }
   static size_t bwd_smem() {
     return sizeof(float) * (8 * kTileFloats + 2 * kChunk * kNP + 2 * kSub * kRows * kNP);
   }
@@ -160,23 +150,94 @@ __device__ __forceinline__ void ld_vec(float (&v)[NT], const float* s) {
   }
 }
 
+// A (row, step) tile of a (batch, dim, L) tensor, kRows x kChunk elements,
+// held kPer a thread in registers: element j of thread i is tile element
+// i + j * kThreads (row (i + j kThreads) / kChunk), so a warp reads 32
+// consecutive steps of one row. All kPer loads are issued before any use.
+template <int R>
+struct TileIdx {
+  static constexpr int kPer = R * kChunk / kThreads;
+  __device__ static int row(int j) { return (threadIdx.x + j * kThreads) / kChunk; }
+  __device__ static int step(int j) { return (threadIdx.x + j * kThreads) % kChunk; }
+};
+
+template <typename T, int R>
+__device__ __forceinline__ void load_tile(float (&v)[TileIdx<R>::kPer], const void* X, const int64_t* st, const Place& q,
+                                          int64_t t0, int len) {
+  const T* base = static_cast<const T*>(X) + q.b * st[0] + q.d0 * st[1] + t0;
+#pragma unroll
+  for (int j = 0; j < TileIdx<R>::kPer; ++j) {
+    const int rr = TileIdx<R>::row(j), t = TileIdx<R>::step(j);
+    v[j] = (rr < q.rows && t < len) ? Dev<T>::ld(base + rr * st[1] + t) : 0.0f;
+  }
+}
+
+// Input-dependent B or C of the block's (b, g) for steps [t0, t0 + len): NP
+// states x kChunk steps, element j of a thread is (n, t) = divmod(i + j kThreads, kChunk).
+template <typename T, int NP>
+__device__ __forceinline__ void load_bc(float (&v)[NP * kChunk / kThreads], const T* base, int64_t nstride, int N,
+                                        int64_t t0, int len) {
+#pragma unroll
+  for (int j = 0; j < NP * kChunk / kThreads; ++j) {
+    const int i = threadIdx.x + j * kThreads, n = i / kChunk, t = i % kChunk;
+    v[j] = (n < N && t < len) ? Dev<T>::ld(base + n * nstride + t0 + t) : 0.0f;
+  }
+}
+template <int NP>
+__device__ __forceinline__ void store_bc(float* s, const float (&v)[NP * kChunk / kThreads]) {
+#pragma unroll
+  for (int j = 0; j < NP * kChunk / kThreads; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    s[(i % kChunk) * NP + i / kChunk] = v[j];
+  }
+}
+
+// Sums y[0..7] over the 4 lanes of a channel; lane s returns the totals of
+// steps 2s and 2s+1 (a transposed reduction: 6 shuffles instead of 16).
+__device__ __forceinline__ void group_sum8(const float (&y)[8], int s, float& y0, float& y1) {
+  float a[4];
+  const bool hi2 = s & 2, hi1 = s & 1;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float send = hi2 ? y[j] : y[j + 4], keep = hi2 ? y[j + 4] : y[j];
+    a[j] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
+  }
+  float c[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const float send = hi1 ? a[j] : a[j + 2], keep = hi1 ? a[j + 2] : a[j];
+    c[j] = keep + __shfl_xor_sync(0xffffffffu, send, 1);
+  }
+  y0 = c[0], y1 = c[1];
+}
+
 template <typename T, int NT, int S>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(P p) {
+__global__ void __launch_bounds__(kThreads, 3) fwd_kernel(P p) {  // 3 blocks an SM: 384 blocks in one wave at B=8, D=1536
+  static_assert(S == 4, "the lane reductions assume 4 lanes a channel");
   using Sh = Shape<NT, S>;
-  constexpr int R = Sh::kRows, NP = Sh::kNP;
+  using TI = TileIdx<Sh::kRows>;
+  constexpr int R = Sh::kRows, NP = Sh::kNP, KP = TI::kPer, KBC = NP * kChunk / kThreads;
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   float(*sDt)[kPad] = reinterpret_cast<float(*)[kPad]>(smem);
   float(*sDu)[kPad] = reinterpret_cast<float(*)[kPad]>(smem + Sh::kTileFloats);
   float(*sY)[kPad] = reinterpret_cast<float(*)[kPad]>(smem + 2 * Sh::kTileFloats);
-  float* sB = smem + 3 * Sh::kTileFloats;
+  float(*sG)[kPad] = reinterpret_cast<float(*)[kPad]>(smem + 3 * Sh::kTileFloats);
+  float* sB = smem + 4 * Sh::kTileFloats;
   float* sC = sB + kChunk * NP;
+  float* sBias = sC + kChunk * NP;  // [R]
+  float* sD = sBias + R;            // [R]
 
   const Place q = place<R>(p);
   const int N = int(p.dstate), tid = threadIdx.x, r = tid / S, s = tid % S;
   const int64_t L = p.length, nch = (L + kChunk - 1) / kChunk;
   const bool row_ok = r < q.rows;
   const int64_t d = q.d0 + (row_ok ? r : 0), row = q.b * p.dim + d;
+  if (tid < R) {
+    const bool ok = tid < q.rows;
+    sBias[tid] = ok && p.delta_bias ? p.delta_bias[q.d0 + tid] : 0.0f;
+    sD[tid] = ok && p.D ? p.D[q.d0 + tid] : 0.0f;
+  }
 
   float A2[NT], Bc[NT], Cc[NT], h[NT];
 #pragma unroll
@@ -190,74 +251,86 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(P p) {
   }
   const T* Bv = p.is_variable_B ? bc_base<T>(p.B, p.B_stride, q) : nullptr;
   const T* Cv = p.is_variable_C ? bc_base<T>(p.C, p.C_stride, q) : nullptr;
+  T* out = static_cast<T*>(p.out) + q.b * p.out_stride[0] + q.d0 * p.out_stride[1];
 
-  for (int64_t c = 0; c < nch; ++c) {
+  // Registers of the next chunk, loaded while the current one is scanned.
+  float pu[KP], pd[KP], pz[KP], pb[KBC], pc[KBC];
+  auto prefetch = [&](int64_t c) {
     const int64_t t0 = c * kChunk;
     const int len = int(L - t0 < kChunk ? L - t0 : kChunk);
-    // (1) stage Δ, Δu and D u of the block's rows; B_t and C_t.
-    for (int i = tid; i < R * kChunk; i += kThreads) {
-      const int rr = i / kChunk, t = i % kChunk;
-      float dt = 0.0f, u = 0.0f, Du = 0.0f;
-      if (rr < q.rows && t < len) {
-        const int64_t dd = q.d0 + rr;
-        const T* up = static_cast<const T*>(p.u) + q.b * p.u_stride[0] + dd * p.u_stride[1];
-        const T* dp = static_cast<const T*>(p.delta) + q.b * p.delta_stride[0] + dd * p.delta_stride[1];
-        u = Dev<T>::ld(up + t0 + t);
-        dt = Dev<T>::ld(dp + t0 + t) + (p.delta_bias ? p.delta_bias[dd] : 0.0f);
-        if (p.delta_softplus) dt = softplus(dt);
-        Du = p.D ? p.D[dd] * u : 0.0f;
-      }
-      sDt[rr][t] = dt;
-      sDu[rr][t] = dt * u;
-      sY[rr][t] = Du;
-    }
-    if (Bv) stage_bc<T, NP>(sB, Bv, p.B_stride[2], N, t0, len);
-    if (Cv) stage_bc<T, NP>(sC, Cv, p.C_stride[2], N, t0, len);
-    __syncthreads();
+    load_tile<T, R>(pu, p.u, p.u_stride, q, t0, len);
+    load_tile<T, R>(pd, p.delta, p.delta_stride, q, t0, len);
+    if (p.z) load_tile<T, R>(pz, p.z, p.z_stride, q, t0, len);
+    if (Bv) load_bc<T, NP>(pb, Bv, p.B_stride[2], N, t0, len);
+    if (Cv) load_bc<T, NP>(pc, Cv, p.C_stride[2], N, t0, len);
+  };
+  prefetch(0);
+  __syncthreads();  // sBias, sD
 
-    // (2) the recurrence, states in registers.
-#pragma unroll 2
-    for (int t = 0; t < len; ++t) {
-      const float dt = sDt[r][t], du = sDu[r][t];
-      float b[NT], cc[NT];
-      if (Bv) ld_vec<NT>(b, sB + t * NP + s * NT);
-      else {
+  for (int64_t c = 0; c <= nch; ++c) {
+    // One sweep over the tile: gate and store chunk c-1, stage chunk c.
+    // Every (row, step) element is read and rewritten by the same thread.
+    const int64_t tp = (c - 1) * kChunk, tc = c * kChunk;
+    const int lenp = int(L - tp < kChunk ? L - tp : kChunk), lenc = int(L - tc < kChunk ? L - tc : kChunk);
 #pragma unroll
-        for (int i = 0; i < NT; ++i) b[i] = Bc[i];
+    for (int j = 0; j < KP; ++j) {
+      const int rr = TI::row(j), t = TI::step(j);
+      if (c > 0 && rr < q.rows && t < lenp)
+        Dev<T>::st(out + rr * p.out_stride[1] + tp + t, sY[rr][t] * sG[rr][t]);
+      if (c < nch) {
+        // Past the end or the block's rows: Δ = 0, the identity step.
+        float dt = pd[j] + sBias[rr];
+        if (p.delta_softplus) dt = softplus(dt);
+        if (rr >= q.rows || t >= lenc) dt = 0.0f;
+        sDt[rr][t] = dt;
+        sDu[rr][t] = dt * pu[j];
+        sY[rr][t] = sD[rr] * pu[j];
+        sG[rr][t] = p.z ? pz[j] * sigmoid(pz[j]) : 1.0f;
       }
-      if (Cv) ld_vec<NT>(cc, sC + t * NP + s * NT);
-      else {
+    }
+    if (c == nch) break;
+    if (Bv) store_bc<NP>(sB, pb);
+    if (Cv) store_bc<NP>(sC, pc);
+    __syncthreads();
+    if (c + 1 < nch) prefetch(c + 1);
+
+    // The recurrence, 8 steps at a time: all shared loads of a group first,
+    // then the exponentials and the one-FMA state updates, then y.
+    const int len = int(L - c * kChunk < kChunk ? L - c * kChunk : kChunk);
+#pragma unroll 1
+    for (int g0 = 0; g0 < len; g0 += 8) {
+      float dt[8], du[8], y[8];
 #pragma unroll
-        for (int i = 0; i < NT; ++i) cc[i] = Cc[i];
-      }
-      float y = 0.0f;
+      for (int k = 0; k < 8; ++k) dt[k] = sDt[r][g0 + k], du[k] = sDu[r][g0 + k];
 #pragma unroll
-      for (int i = 0; i < NT; ++i) {
-        h[i] = fmaf(ex2(dt * A2[i]), h[i], du * b[i]);
-        y = fmaf(cc[i], h[i], y);
+      for (int k = 0; k < 8; ++k) {
+        float b[NT], cc[NT];
+        if (Bv) ld_vec<NT>(b, sB + (g0 + k) * NP + s * NT);
+        else {
+#pragma unroll
+          for (int i = 0; i < NT; ++i) b[i] = Bc[i];
+        }
+        if (Cv) ld_vec<NT>(cc, sC + (g0 + k) * NP + s * NT);
+        else {
+#pragma unroll
+          for (int i = 0; i < NT; ++i) cc[i] = Cc[i];
+        }
+        y[k] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+          h[i] = fmaf(ex2(dt[k] * A2[i]), h[i], du[k] * b[i]);
+          y[k] = fmaf(cc[i], h[i], y[k]);
+        }
       }
-      y = group_sum<S>(y);
-      if (s == 0) sY[r][t] += y;
+      float y0, y1;
+      group_sum8(y, s, y0, y1);
+      sY[r][g0 + 2 * s] += y0;
+      sY[r][g0 + 2 * s + 1] += y1;
     }
     if (p.chunk_states && row_ok) {
 #pragma unroll
       for (int i = 0; i < NT; ++i)
         if (s * NT + i < N) p.chunk_states[(row * nch + c) * N + s * NT + i] = h[i];
-    }
-    __syncthreads();
-
-    // (3) gate and store.
-    for (int i = tid; i < R * kChunk; i += kThreads) {
-      const int rr = i / kChunk, t = i % kChunk;
-      if (rr < q.rows && t < len) {
-        const int64_t dd = q.d0 + rr;
-        float y = sY[rr][t];
-        if (p.z) {
-          const float zz = Dev<T>::ld(static_cast<const T*>(p.z) + q.b * p.z_stride[0] + dd * p.z_stride[1] + t0 + t);
-          y *= zz * sigmoid(zz);
-        }
-        Dev<T>::st(static_cast<T*>(p.out) + q.b * p.out_stride[0] + dd * p.out_stride[1] + t0 + t, y);
-      }
     }
     __syncthreads();
   }
@@ -275,7 +348,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(P p) {
 template <typename T, int NT, int S>
 __global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
   using Sh = Shape<NT, S>;
-  constexpr int R = Sh::kRows, NP = Sh::kNP;
+  using TI = TileIdx<Sh::kRows>;
+  constexpr int R = Sh::kRows, NP = Sh::kNP, KP = TI::kPer, KBC = NP * kChunk / kThreads;
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   auto tile = [&](int k) { return reinterpret_cast<float(*)[kPad]>(smem + k * Sh::kTileFloats); };
@@ -298,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
   const bool row_ok = r < q.rows;
   const int64_t d = q.d0 + (row_ok ? r : 0), row = q.b * p.dim + d;
   const float Dd = row_ok && p.D ? p.D[d] : 0.0f;
-  const T* gout = static_cast<const T*>(p.grad_out);
+  const int64_t gst[2] = {p.dim * p.length, p.length};  // grad_out and the gradients are contiguous
 
   float A[NT], A2[NT], Bc[NT], Cc[NT], carry[NT], gA[NT], gBc[NT], gCc[NT];
 #pragma unroll
@@ -320,32 +394,30 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
   for (int64_t c = nch - 1; c >= 0; --c) {
     const int64_t t0 = c * kChunk;
     const int len = int(L - t0 < kChunk ? L - t0 : kChunk);
-    // (1) stage the chunk.
-    for (int i = tid; i < R * kChunk; i += kThreads) {
-      const int rr = i / kChunk, t = i % kChunk;
-      float dt = 0.0f, u = 0.0f, gy = 0.0f, sig = 1.0f;
-      if (rr < q.rows && t < len) {
-        const int64_t dd = q.d0 + rr, o = (q.b * p.dim + dd) * L + t0 + t;
-        const T* up = static_cast<const T*>(p.u) + q.b * p.u_stride[0] + dd * p.u_stride[1];
-        const T* dp = static_cast<const T*>(p.delta) + q.b * p.delta_stride[0] + dd * p.delta_stride[1];
-        u = Dev<T>::ld(up + t0 + t);
-        const float x = Dev<T>::ld(dp + t0 + t) + (p.delta_bias ? p.delta_bias[dd] : 0.0f);
-        dt = p.delta_softplus ? softplus(x) : x;
-        sig = p.delta_softplus ? sigmoid(x) : 1.0f;
-        gy = Dev<T>::ld(gout + o);
-        if (p.z) {
-          const float zz = Dev<T>::ld(static_cast<const T*>(p.z) + q.b * p.z_stride[0] + dd * p.z_stride[1] + t0 + t);
-          gy *= zz * sigmoid(zz);
-        }
+    // (1) stage the chunk: every global load of the tile issued before any use.
+    {
+      float pu[KP], pd[KP], pg[KP], pz[KP], pb[KBC], pc[KBC];
+      load_tile<T, R>(pu, p.u, p.u_stride, q, t0, len);
+      load_tile<T, R>(pd, p.delta, p.delta_stride, q, t0, len);
+      load_tile<T, R>(pg, p.grad_out, gst, q, t0, len);
+      if (p.z) load_tile<T, R>(pz, p.z, p.z_stride, q, t0, len);
+      if (Bv) load_bc<T, NP>(pb, Bv, p.B_stride[2], N, t0, len);
+      if (Cv) load_bc<T, NP>(pc, Cv, p.C_stride[2], N, t0, len);
+#pragma unroll
+      for (int j = 0; j < KP; ++j) {
+        const int rr = TI::row(j), t = TI::step(j);
+        const bool ok = rr < q.rows && t < len;
+        const float x = pd[j] + (ok && p.delta_bias ? p.delta_bias[q.d0 + rr] : 0.0f);
+        const float dt = !ok ? 0.0f : p.delta_softplus ? softplus(x) : x;
+        sDt[rr][t] = dt;
+        sDu[rr][t] = dt * pu[j];
+        sU[rr][t] = pu[j];
+        sGy[rr][t] = p.z ? pg[j] * pz[j] * sigmoid(pz[j]) : pg[j];
+        sSig[rr][t] = p.delta_softplus ? sigmoid(x) : 1.0f;
       }
-      sDt[rr][t] = dt;
-      sDu[rr][t] = dt * u;
-      sU[rr][t] = u;
-      sGy[rr][t] = gy;
-      sSig[rr][t] = sig;
+      if (Bv) store_bc<NP>(sB, pb);
+      if (Cv) store_bc<NP>(sC, pc);
     }
-    if (Bv) stage_bc<T, NP>(sB, Bv, p.B_stride[2], N, t0, len);
-    if (Cv) stage_bc<T, NP>(sC, Cv, p.C_stride[2], N, t0, len);
     __syncthreads();
 
     // (2a) forward through the chunk from its stored start state: the state at
@@ -506,16 +578,24 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
     __syncthreads();
 
     // (3) store grad u, grad delta (and grad z) of the chunk.
-    for (int i = tid; i < R * kChunk; i += kThreads) {
-      const int rr = i / kChunk, t = i % kChunk;
-      if (rr < q.rows && t < len) {
-        const int64_t dd = q.d0 + rr, o = (q.b * p.dim + dd) * L + t0 + t;
-        Dev<T>::st(static_cast<T*>(p.grad_u) + o, sGu[rr][t]);
-        Dev<T>::st(static_cast<T*>(p.grad_delta) + o, sGx[rr][t]);
-        if (p.z && p.grad_z) {
-          const float zz = Dev<T>::ld(static_cast<const T*>(p.z) + q.b * p.z_stride[0] + dd * p.z_stride[1] + t0 + t);
-          const float sg = sigmoid(zz);
-          Dev<T>::st(static_cast<T*>(p.grad_z) + o, Dev<T>::ld(gout + o) * sYp[rr][t] * sg * (1.0f + zz * (1.0f - sg)));
+    {
+      float pg[KP], pz[KP];
+      if (p.z && p.grad_z) {
+        load_tile<T, R>(pg, p.grad_out, gst, q, t0, len);
+        load_tile<T, R>(pz, p.z, p.z_stride, q, t0, len);
+      }
+      const int64_t o0 = (q.b * p.dim + q.d0) * L + t0;
+#pragma unroll
+      for (int j = 0; j < KP; ++j) {
+        const int rr = TI::row(j), t = TI::step(j);
+        if (rr < q.rows && t < len) {
+          const int64_t o = o0 + rr * L + t;
+          Dev<T>::st(static_cast<T*>(p.grad_u) + o, sGu[rr][t]);
+          Dev<T>::st(static_cast<T*>(p.grad_delta) + o, sGx[rr][t]);
+          if (p.z && p.grad_z) {
+            const float sg = sigmoid(pz[j]);
+            Dev<T>::st(static_cast<T*>(p.grad_z) + o, pg[j] * sYp[rr][t] * sg * (1.0f + pz[j] * (1.0f - sg)));
+          }
         }
       }
     }
@@ -545,11 +625,11 @@ inline void check_state_size(int64_t N) {
                                 " is not supported by the CUDA kernel (1 <= N <= 64); use backend='ref' or the CPU");
 }
 
-// Raises a kernel's dynamic shared-memory limit once per device (outside any
-// graph capture that may follow the first call).
+// Raises a kernel's dynamic shared-memory limit, once per device: `done` is a
+// static of the calling instantiation (one kernel), so graph captures that
+// follow the first call issue no attribute calls.
 template <typename K>
-void set_smem(K kernel, size_t bytes) {
-  static bool done[64] = {};
+void set_smem(K kernel, size_t bytes, bool (&done)[64]) {
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "selective_scan: cudaGetDevice");
   if (dev < 64 && done[dev]) return;
@@ -568,8 +648,9 @@ inline unsigned grid_size(const P& p, int rows_per_block) {
 template <typename T, int NT, int S>
 void run_fwd(const P& p) {
   using Sh = Shape<NT, S>;
+  static bool done[64] = {};
   auto k = fwd_kernel<T, NT, S>;
-  set_smem(k, Sh::fwd_smem());
+  set_smem(k, Sh::fwd_smem(), done);
   k<<<grid_size(p, Sh::kRows), kThreads, Sh::fwd_smem(), reinterpret_cast<cudaStream_t>(p.stream)>>>(p);
   cuda_check(cudaGetLastError(), "selective_scan forward kernel");
 }
@@ -577,8 +658,9 @@ void run_fwd(const P& p) {
 template <typename T, int NT, int S>
 void run_bwd(const P& p, const BwdWorkspace& ws) {
   using Sh = Shape<NT, S>;
+  static bool done[64] = {};
   auto k = bwd_kernel<T, NT, S>;
-  set_smem(k, Sh::bwd_smem());
+  set_smem(k, Sh::bwd_smem(), done);
   k<<<grid_size(p, Sh::kRows), kThreads, Sh::bwd_smem(), reinterpret_cast<cudaStream_t>(p.stream)>>>(p, ws);
   cuda_check(cudaGetLastError(), "selective_scan backward kernel");
 }
