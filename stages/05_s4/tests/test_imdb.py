@@ -3,6 +3,7 @@
 import tarfile
 
 import numpy as np
+import torch
 import pytest
 
 from ssmlab.datasets.imdb import clean_review, find_imdb, load_imdb, read_imdb, train_val_split
@@ -95,3 +96,25 @@ def test_tokenizers(fake_imdb):
     assert x.shape[1] % 8 == 0 and np.all(x[0, lens[0]:] == PAD_ID) and np.array_equal(x[1, : lens[1]], enc[1])
     assert len(enc.select([2, 0])) == 2 and np.array_equal(enc.select([2, 0])[0], enc[2])
     assert isinstance(enc, Packed)
+
+
+def test_length_bucket_batches_cover_an_epoch_and_resume():
+    from ssmlab.datasets.tokenize import LengthBucketBatches
+
+    rng = np.random.default_rng(0)
+    packed = Packed.from_lists([np.arange(1, rng.integers(2, 40)) for _ in range(50)])
+    labels = np.arange(50) % 2
+    it = LengthBucketBatches(packed, labels, batch_size=8, seed=3, pool=2)
+    assert it.steps_per_epoch() == 6  # 48 of 50 examples: the incomplete batch is dropped
+    for _ in range(3):
+        ids, lens, y = next(it)
+        assert ids.shape[0] == 8 and ids.shape[1] % 8 == 0 and int(lens.max()) <= ids.shape[1]
+        assert (ids != 0).sum(1).tolist() == lens.tolist()
+    state = it.state_dict()
+    rest = [next(it) for _ in range(5)]  # crosses into epoch 1
+    it2 = LengthBucketBatches(packed, labels, batch_size=8, seed=3, pool=2)
+    it2.load_state_dict(state)
+    for a, b in zip(rest, (next(it2) for _ in range(5))):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="batch_size"):
+        LengthBucketBatches(packed, labels, batch_size=51)
