@@ -61,7 +61,9 @@ def nplr(A: Tensor, P: Tensor, atol: float = 1e-9) -> tuple[Tensor, Tensor, Tens
     Pt = V.conj().T @ P.T.to(torch.complex128)  # (N, r)
     phase = torch.where(Pt[:, 0].abs() > 1e-14, Pt[:, 0].abs() / Pt[:, 0], torch.ones((), dtype=torch.complex128))
     V = V * phase.conj()[None, :]  # column m rotated so that row 0 of P~ = V^* Pᵀ becomes real >= 0
-    return Lam, (Pt * phase[:, None]).T.contiguous(), V
+    Pt = (Pt * phase[:, None]).T.contiguous()  # (r, N)
+    Pt[0] = torch.complex(Pt[0].real, torch.zeros_like(Pt[0].real))  # real by construction: drop round-off
+    return Lam, Pt, V
 
 
 def nplr_legs(N: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
