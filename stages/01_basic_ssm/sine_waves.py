@@ -1,7 +1,8 @@
 """Training on sine waves: a small SSM model learns to continue sums of sines.
 
-Each series is a sum of `--n-sines` sines with random frequencies, amplitudes
-and phases (a fresh draw for every example). The model (`SSMSequenceModel`:
+Each series is a sum of sines with fixed periods (`--periods`) and random
+amplitudes and phases, a fresh draw for every example (`--random-periods K`
+draws the periods per series too: a much harder task). The model (`SSMSequenceModel`:
 a linear encoder, SSM blocks, a linear decoder) is trained, in convolutional
 mode, to predict the next value at every step (mean squared error). Then, on
 held-out series, it forecasts `--horizon` steps after a `--context` of
@@ -17,6 +18,7 @@ import argparse
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -34,11 +36,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def sine_sums(batch: int, length: int, n_sines: int, generator: torch.Generator,
-              period_range=(8.0, 64.0)) -> Tensor:
-    """(B, length) sums of n_sines sines: periods log-uniform in `period_range` steps, amplitudes in
-    [0.5, 1.5] / n_sines, uniform phases."""
-    lo, hi = math.log(period_range[0]), math.log(period_range[1])
-    period = torch.exp(torch.rand(batch, n_sines, 1, generator=generator) * (hi - lo) + lo)
+              periods: Optional[list[float]] = None, period_range=(8.0, 64.0)) -> Tensor:
+    """(B, length) sums of n_sines sines with amplitudes in [0.5, 1.5] / n_sines and uniform phases.
+
+    Periods (in steps): the given `periods` for every series, or (None) log-uniform in
+    `period_range`, drawn afresh per series.
+    """
+    if periods is not None:
+        period = torch.tensor(periods, dtype=torch.float32).view(1, -1, 1).expand(batch, -1, 1)
+        n_sines = len(periods)
+    else:
+        lo, hi = math.log(period_range[0]), math.log(period_range[1])
+        period = torch.exp(torch.rand(batch, n_sines, 1, generator=generator) * (hi - lo) + lo)
     amp = (0.5 + torch.rand(batch, n_sines, 1, generator=generator)) / n_sines
     phase = 2 * math.pi * torch.rand(batch, n_sines, 1, generator=generator)
     t = torch.arange(length, dtype=torch.float32)
@@ -67,7 +76,10 @@ def forecast(model: SSMSequenceModel, context: Tensor, horizon: int) -> Tensor:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-sines", type=int, default=3, help="sines per series")
+    p.add_argument("--periods", type=float, nargs="+", default=[12.0, 25.0, 47.0],
+                   help="periods (steps) of the sines, shared by every series; amplitudes and phases vary")
+    p.add_argument("--random-periods", type=int, default=0, metavar="K",
+                   help="instead: K sines with periods drawn per series in [8, 64] (a harder task)")
     p.add_argument("--length", type=int, default=256, help="training series length L")
     p.add_argument("--context", type=int, default=192, help="observed steps before forecasting")
     p.add_argument("--horizon", type=int, default=128, help="forecast steps")
@@ -85,7 +97,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.length, args.context, args.horizon, args.eval_series, args.H = 60, 96, 64, 32, 32, 16
-    if min(args.n_sines, args.length, args.context, args.horizon, args.steps) < 1:
+    if min(args.length, args.context, args.horizon, args.steps) < 1 or min(args.periods) <= 0:
         p.error("sizes and --steps must be >= 1")
     return args
 
@@ -97,14 +109,16 @@ def main(argv=None):
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     model = SSMSequenceModel(1, 1, H=args.H, N=args.N, n_layers=args.layers, dt_min=1e-2, dt_max=1.0)
-    data = GeneratedBatches(lambda g: (sine_sums(args.batch, args.length, args.n_sines, g),), seed=args.seed)
+    periods = None if args.random_periods else args.periods
+    n_sines = args.random_periods or len(args.periods)
+    data = GeneratedBatches(lambda g: (sine_sums(args.batch, args.length, n_sines, g, periods),), seed=args.seed)
     cfg = TrainConfig(lr=args.lr, max_steps=args.steps, warmup_steps=min(20, args.steps), weight_decay=0.0,
                       log_every=1, seed=args.seed)
     hist = train(model, next_value_loss, data, cfg).history
     losses = [r["loss"] for r in hist if r["kind"] == "train"]
 
     g = torch.Generator().manual_seed(10_000 + args.seed)
-    series = sine_sums(args.eval_series, args.context + args.horizon, args.n_sines, g)
+    series = sine_sums(args.eval_series, args.context + args.horizon, n_sines, g, periods)
     model.eval()
     with torch.no_grad():
         one_step = F.mse_loss(model(series[:, :-1, None])[..., 0], series[:, 1:]).item()
