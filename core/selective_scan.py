@@ -113,11 +113,30 @@ def selective_scan_ref(
     Cs = Cx.unbind(-1) if Cx.dim() == 4 else [Cx] * L
     ys = []
     for t in range(L):
-        A_bar = torch.exp(dts[t][..., None] * A)  # (B, D, N)
-        h = A_bar * h + dus[t][..., None] * Bs[t]
-        ys.append((h * Cs[t]).sum(-1))  # (B, D)
+        h, y = _STEP(h, dts[t], dus[t], A, Bs[t], Cs[t])
+        ys.append(y)
     out = _finish(torch.stack(ys, dim=-1), u, D, z, acc)
     return (out, h) if return_last_state else out
+
+
+def ref_step(h: Tensor, dt: Tensor, du: Tensor, A: Tensor, B_t: Tensor, C_t: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of the reference: h <- exp(Δ A) h + Δ u B_t; y = C_t . h.
+    h, B_t, C_t: (B, D, N) (or (D, N) for time-invariant B/C); dt = Δ_t, du = Δ_t u_t: (B, D)."""
+    h = torch.exp(dt[..., None] * A) * h + du[..., None] * B_t
+    return h, (h * C_t).sum(-1)
+
+
+_STEP = ref_step
+
+
+def compile_reference_step(enable: bool = True, **compile_kwargs) -> None:
+    """Make `selective_scan_ref` run its step through torch.compile (for benchmarks).
+
+    Compiling the whole reference would unroll its Python loop into a graph of
+    L steps, which takes minutes for long L; compiling the step keeps the loop
+    and fuses each step's elementwise work. `enable=False` restores the eager step."""
+    global _STEP
+    _STEP = torch.compile(ref_step, **compile_kwargs) if enable else ref_step
 
 
 def selective_scan_parallel(
