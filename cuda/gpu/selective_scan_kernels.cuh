@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
 #include "ssmlab/selective_scan.h"
@@ -59,8 +60,9 @@ __device__ __forceinline__ float ex2(float x) {
 // softplus(x) = max(x, 0) + log1p(exp(-|x|)); the series for small exp(-|x|)
 // keeps the relative accuracy where softplus(x) ~ exp(x) is tiny.
 __device__ __forceinline__ float softplus(float x) {
-  const float e = ex2(-fabsf(x) * kLog2e);
-  const float l = e < 1e-2f ? e * (1.0f - e * (0.5f - e * (1.0f / 3.0f))) : __logf(1.0f + e);
+  const float e = ex2(-fabsf(x) * kLog2e), w = 1.0f + e;
+  // log1p(e) = log(w) * e / (w - 1) keeps full relative accuracy for tiny e (Goldberg).
+  const float l = w == 1.0f ? e : __logf(w) * __fdividef(e, w - 1.0f);
   return fmaxf(x, 0.0f) + l;
 }
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + ex2(-x * kLog2e)); }
@@ -161,34 +163,54 @@ struct TileIdx {
   __device__ static int step(int j) { return (threadIdx.x + j * kThreads) % kChunk; }
 };
 
-template <typename T, int R>
-__device__ __forceinline__ void load_tile(float (&v)[TileIdx<R>::kPer], const void* X, const int64_t* st, const Place& q,
+// The raw element type kept in registers between a load and its use: the
+// conversion to float is left to the use, so that a prefetch issued before a
+// long loop does not wait for its data at the conversion.
+template <typename T> struct Raw { using type = T; };
+template <> struct Raw<Half> { using type = unsigned short; };
+template <> struct Raw<BFloat16> { using type = unsigned short; };
+template <typename T>
+__device__ __forceinline__ float to_float_as(typename Raw<T>::type x) {
+  if constexpr (std::is_same_v<T, BFloat16>) return __uint_as_float(uint32_t(x) << 16);
+  else if constexpr (std::is_same_v<T, Half>) return __half2float(__ushort_as_half(x));
+  else return x;
+}
+template <typename T>
+__device__ __forceinline__ typename Raw<T>::type ld_raw(const T* p) {
+  return *reinterpret_cast<const typename Raw<T>::type*>(p);
+}
+
+template <typename T, int R, typename V>
+__device__ __forceinline__ void load_tile(V (&v)[TileIdx<R>::kPer], const void* X, const int64_t* st, const Place& q,
                                           int64_t t0, int len) {
   const T* base = static_cast<const T*>(X) + q.b * st[0] + q.d0 * st[1] + t0;
 #pragma unroll
   for (int j = 0; j < TileIdx<R>::kPer; ++j) {
     const int rr = TileIdx<R>::row(j), t = TileIdx<R>::step(j);
-    v[j] = (rr < q.rows && t < len) ? Dev<T>::ld(base + rr * st[1] + t) : 0.0f;
+    if constexpr (std::is_same_v<V, float>) v[j] = (rr < q.rows && t < len) ? Dev<T>::ld(base + rr * st[1] + t) : 0.0f;
+    else v[j] = (rr < q.rows && t < len) ? ld_raw(base + rr * st[1] + t) : V(0);
   }
 }
 
 // Input-dependent B or C of the block's (b, g) for steps [t0, t0 + len): NP
 // states x kChunk steps, element j of a thread is (n, t) = divmod(i + j kThreads, kChunk).
-template <typename T, int NP>
-__device__ __forceinline__ void load_bc(float (&v)[NP * kChunk / kThreads], const T* base, int64_t nstride, int N,
+template <typename T, int NP, typename V>
+__device__ __forceinline__ void load_bc(V (&v)[NP * kChunk / kThreads], const T* base, int64_t nstride, int N,
                                         int64_t t0, int len) {
 #pragma unroll
   for (int j = 0; j < NP * kChunk / kThreads; ++j) {
     const int i = threadIdx.x + j * kThreads, n = i / kChunk, t = i % kChunk;
-    v[j] = (n < N && t < len) ? Dev<T>::ld(base + n * nstride + t0 + t) : 0.0f;
+    if constexpr (std::is_same_v<V, float>) v[j] = (n < N && t < len) ? Dev<T>::ld(base + n * nstride + t0 + t) : 0.0f;
+    else v[j] = (n < N && t < len) ? ld_raw(base + n * nstride + t0 + t) : V(0);
   }
 }
-template <int NP>
-__device__ __forceinline__ void store_bc(float* s, const float (&v)[NP * kChunk / kThreads]) {
+template <typename T, int NP, typename V>
+__device__ __forceinline__ void store_bc(float* s, const V (&v)[NP * kChunk / kThreads]) {
 #pragma unroll
   for (int j = 0; j < NP * kChunk / kThreads; ++j) {
     const int i = threadIdx.x + j * kThreads;
-    s[(i % kChunk) * NP + i / kChunk] = v[j];
+    if constexpr (std::is_same_v<V, float>) s[(i % kChunk) * NP + i / kChunk] = v[j];
+    else s[(i % kChunk) * NP + i / kChunk] = to_float_as<T>(v[j]);
   }
 }
 
@@ -254,7 +276,8 @@ __global__ void __launch_bounds__(kThreads, 3) fwd_kernel(P p) {  // 3 blocks an
   T* out = static_cast<T*>(p.out) + q.b * p.out_stride[0] + q.d0 * p.out_stride[1];
 
   // Registers of the next chunk, loaded while the current one is scanned.
-  float pu[KP], pd[KP], pz[KP], pb[KBC], pc[KBC];
+  using RT = typename Raw<T>::type;
+  RT pu[KP], pd[KP], pz[KP], pb[KBC], pc[KBC];
   auto prefetch = [&](int64_t c) {
     const int64_t t0 = c * kChunk;
     const int len = int(L - t0 < kChunk ? L - t0 : kChunk);
@@ -279,18 +302,19 @@ __global__ void __launch_bounds__(kThreads, 3) fwd_kernel(P p) {  // 3 blocks an
         Dev<T>::st(out + rr * p.out_stride[1] + tp + t, sY[rr][t] * sG[rr][t]);
       if (c < nch) {
         // Past the end or the block's rows: Δ = 0, the identity step.
-        float dt = pd[j] + sBias[rr];
+        const float u = to_float_as<T>(pu[j]), zz = p.z ? to_float_as<T>(pz[j]) : 0.0f;
+        float dt = to_float_as<T>(pd[j]) + sBias[rr];
         if (p.delta_softplus) dt = softplus(dt);
         if (rr >= q.rows || t >= lenc) dt = 0.0f;
         sDt[rr][t] = dt;
-        sDu[rr][t] = dt * pu[j];
-        sY[rr][t] = sD[rr] * pu[j];
-        sG[rr][t] = p.z ? pz[j] * sigmoid(pz[j]) : 1.0f;
+        sDu[rr][t] = dt * u;
+        sY[rr][t] = sD[rr] * u;
+        sG[rr][t] = p.z ? zz * sigmoid(zz) : 1.0f;
       }
     }
     if (c == nch) break;
-    if (Bv) store_bc<NP>(sB, pb);
-    if (Cv) store_bc<NP>(sC, pc);
+    if (Bv) store_bc<T, NP>(sB, pb);
+    if (Cv) store_bc<T, NP>(sC, pc);
     __syncthreads();
     if (c + 1 < nch) prefetch(c + 1);
 
@@ -415,8 +439,8 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
         sGy[rr][t] = p.z ? pg[j] * pz[j] * sigmoid(pz[j]) : pg[j];
         sSig[rr][t] = p.delta_softplus ? sigmoid(x) : 1.0f;
       }
-      if (Bv) store_bc<NP>(sB, pb);
-      if (Cv) store_bc<NP>(sC, pc);
+      if (Bv) store_bc<T, NP>(sB, pb);
+      if (Cv) store_bc<T, NP>(sC, pc);
     }
     __syncthreads();
 

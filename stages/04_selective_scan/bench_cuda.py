@@ -44,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--check", action="store_true", help="correctness against the float64 reference, then exit")
     p.add_argument("--check-64bit", action="store_true", help="with --check: also a >2^31-element case (~50 GB of GPU memory)")
     p.add_argument("--sanitize", action="store_true", help="one tiny forward+backward (run under compute-sanitizer)")
+    p.add_argument("--once", action="store_true",
+                   help="one forward+backward at the benchmark shape, first length and dtype (run under ncu)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dim", type=int, default=1536)
     p.add_argument("--dstate", type=int, default=16)
@@ -246,11 +248,15 @@ def time_ms(fn, repeats: int, iters: int = 1, graph: bool = True) -> float:
 
 
 def copy_bandwidth_GBps() -> float:
-    n = 1 << 28  # 1 GiB of float32, read and written
-    src = torch.empty(n, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), 20, iters=5)
-    return 2 * n * 4 / (ms * 1e-3) / 1e9
+    """Device-to-device copy (bytes read + written), the best of 256 MiB .. 2 GiB buffers."""
+    best = 0.0
+    for n in (1 << 26, 1 << 28, 1 << 29):  # float32 elements
+        src = torch.empty(n, device="cuda").uniform_()
+        dst = torch.empty_like(src)
+        ms = time_ms(lambda: dst.copy_(src), 20, iters=5, graph=False)
+        best = max(best, 2 * n * 4 / (ms * 1e-3) / 1e9)
+        del src, dst
+    return best
 
 
 EX2_SRC = r"""
@@ -458,6 +464,14 @@ def main() -> None:
             run_fwd_bwd(lambda **a: ssm.selective_scan(**a, backend="cuda"), kw, False, 2)
         torch.cuda.synchronize()
         print("sanitize case done")
+        return
+    if args.once:
+        kw = make_inputs(args.batch, args.dim, args.lengths[0], args.dstate, DTYPES[args.dtypes[0]], seed=1)
+        leaves = {k: kw[k].detach().requires_grad_() for k in ("u", "delta", "z")}
+        out = ssm.selective_scan(**{**kw, **leaves}, backend="cuda")
+        out.backward(torch.randn_like(out))
+        torch.cuda.synchronize()
+        print("one forward+backward done")
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.check:
