@@ -57,8 +57,8 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-// softplus(x) = max(x, 0) + log1p(exp(-|x|)); the series for small exp(-|x|)
-// keeps the relative accuracy where softplus(x) ~ exp(x) is tiny.
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)), branch-free and accurate where
+// softplus(x) ~ exp(x) is tiny.
 __device__ __forceinline__ float softplus(float x) {
   const float e = ex2(-fabsf(x) * kLog2e), w = 1.0f + e;
   // log1p(e) = log(w) * e / (w - 1) keeps full relative accuracy for tiny e (Goldberg).
