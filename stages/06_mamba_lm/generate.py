@@ -4,8 +4,8 @@
         --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --top-k 40
 
 Prints the prompt, the sampling settings, the continuation and the generation
-speed (new tokens per second over the whole batch, prefill included, and the
-decoding steps alone). Both models use `ssmlab.core.generation.generate`:
+speed (new tokens per second over the whole batch, prefill included, and
+after the first token). Both models use `ssmlab.core.generation.generate`:
 Mamba with its constant-size recurrent cache, the Transformer with its
 growing KV cache.
 """
@@ -72,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
     p.add_argument("--out", default=None, help="also write the samples and settings as JSON here")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.num_samples < 1:
@@ -81,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, encode, decode, meta = load_lm(Path(args.model_dir), device)
     sampling = SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
