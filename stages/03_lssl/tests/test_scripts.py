@@ -1,0 +1,47 @@
+"""Each script runs in --quick mode, writes its JSON and PNG, and learns."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+STAGE = Path(__file__).resolve().parents[1]
+
+
+def load(script):
+    """The script as a module (its folder name is not importable), so its main() runs in-process."""
+    spec = importlib.util.spec_from_file_location(f"stage03_{script}", STAGE / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_seq_digits_classifier_learns(tmp_path):
+    load("seq_digits").main(["--quick", "--out", str(tmp_path)])
+    r = json.loads((tmp_path / "seq_digits.json").read_text())
+    assert (tmp_path / "seq_digits.png").stat().st_size > 10_000
+    lssl, lstm = r["results"]
+    assert lssl["model"].startswith("LSSL") and lstm["model"].startswith("LSTM")
+    assert lssl["loss_history"][-1] < 0.95 * lssl["loss_history"][0]
+    assert lssl["test_acc"] > 0.18  # chance is 0.1 (5 short epochs of a tiny model)
+    assert abs(lstm["params"] - lssl["params"]) < 0.2 * lssl["params"]  # matched parameter budget
+
+
+def test_char_lm_learns(tmp_path):
+    r = load("char_lm").main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "char_lm.json").read_text())
+    assert (tmp_path / "char_lm.png").stat().st_size > 10_000
+    assert saved["val_bpc"] == pytest.approx(r["val_bpc"])
+    assert r["last_loss"] < r["first_loss"]
+    assert r["val_bpc"] < math.log2(r["corpus"]["V"])  # better than uniform
+    assert len(r["sample"]) == len(r["sample_prompt"]) + 40
