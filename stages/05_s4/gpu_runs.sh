@@ -16,7 +16,7 @@
 #   bpe-mamba  bpe-s4d  bpe-s4  bpe-transformer     subword (BPE 8192 trained on train), max 1024 tokens, ~6M params
 #   byte-s4d   byte-s4  byte-mamba                  bytes, length 4096 (the LRA text setting), ~1M params
 #   bench                                           kernel generation time / memory vs L (up to 131072)
-#   charlm                                          S4D character LM (the ladder's corpus), ~1.3M params
+#   charlm                                          S4D character LM (the ladder's corpus), ~2.7M params
 #
 # Priority when device time is short: bpe-mamba, bpe-s4d, byte-s4d, bpe-s4, bench, the rest.
 set -euo pipefail
