@@ -54,9 +54,10 @@ def _check_delta(delta: Delta, like: Tensor) -> Tensor:
     d = delta if isinstance(delta, Tensor) else torch.tensor(float(delta), dtype=real, device=like.device)
     if d.is_complex():
         raise TypeError(f"delta must be real, got dtype {d.dtype}")
-    if not torch.isfinite(d).all() or (d <= 0).any():
-        bad = d.detach().flatten()[((d.detach() <= 0) | ~torch.isfinite(d.detach())).flatten()][:3].tolist()
-        raise ValueError(f"delta (the step Δ) must be finite and > 0, got {bad}")
+    flat = d.detach().flatten()
+    bad = flat[~(torch.isfinite(flat) & (flat > 0))]
+    if len(bad):
+        raise ValueError(f"delta (the step Δ) must be finite and > 0, got {bad[:3].tolist()}")
     return d.to(real)
 
 
