@@ -98,10 +98,14 @@ def legs_nplr(N: int, return_V: bool = False):
     return out + (V[:, order],) if return_V else out
 
 
-def _log_fallback(_done: list = []) -> None:  # noqa: B006 - a once-only flag
-    if not _done:
+_fallback_logged = False
+
+
+def _log_fallback() -> None:
+    global _fallback_logged
+    if not _fallback_logged:
         logging.getLogger(__name__).info("ssmlab.core.nplr.nplr_legs not available: using s4._legs_nplr_local")
-        _done.append(True)
+        _fallback_logged = True
 
 
 def _full(x: Tensor) -> Tensor:
