@@ -124,9 +124,13 @@ template <int NT, int S>
 struct Shape {
   static constexpr int kNT = NT, kS = S, kNP = NT * S, kRows = kThreads / S;
   static constexpr int kTileFloats = kRows * kPad;
+  // Backward B/C contribution buffers: one (row, state) slab a step, slabs 4
+  // floats apart in bank terms, so the reduction's reads (8 steps x 4 states
+  // a warp) hit 32 distinct banks and the 16-byte stores stay aligned.
+  static constexpr int kRedPitch = kRows * kNP + 4;
   static size_t fwd_smem() { return sizeof(float) * (4 * kTileFloats + 2 * kChunk * kNP + 2 * kRows); }
   static size_t bwd_smem() {
-    return sizeof(float) * (8 * kTileFloats + 2 * kChunk * kNP + 2 * kSub * kRows * kNP);
+    return sizeof(float) * (8 * kTileFloats + 2 * kChunk * kNP + 2 * kSub * kRedPitch);
   }
 };
 
@@ -236,6 +240,7 @@ __device__ __forceinline__ void group_sum8(const float (&y)[8], int s, float& y0
 template <typename T, int NT, int S>
 __global__ void __launch_bounds__(kThreads, 3) fwd_kernel(P p) {  // 3 blocks an SM: 384 blocks in one wave at B=8, D=1536
   static_assert(S == 4, "the lane reductions assume 4 lanes a channel");
+  static_assert(NT % 4 == 0, "16-byte shared-memory accesses");
   using Sh = Shape<NT, S>;
   using TI = TileIdx<Sh::kRows>;
   constexpr int R = Sh::kRows, NP = Sh::kNP, KP = TI::kPer, KBC = NP * kChunk / kThreads;
@@ -387,8 +392,9 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
   float(*sGx)[kPad] = tile(7);   // staged grad_delta
   float* sB = smem + 8 * Sh::kTileFloats;
   float* sC = sB + kChunk * NP;
-  float* sRB = sC + kChunk * NP;      // [kSub][R][NP] per-row grad B_t contributions
-  float* sRC = sRB + kSub * R * NP;   // [kSub][R][NP] per-row grad C_t contributions
+  constexpr int RP = Sh::kRedPitch;
+  float* sRB = sC + kChunk * NP;  // [kSub] slabs of [R][NP]: per-row grad B_t contributions
+  float* sRC = sRB + kSub * RP;   // the same for grad C_t
 
   const Place q = place<R>(p);
   const int N = int(p.dstate), tid = threadIdx.x, r = tid / S, s = tid % S;
@@ -558,14 +564,16 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
         }
         if (Bv) {
 #pragma unroll
-          for (int i = 0; i < NT; ++i) sRB[(tt * R + r) * NP + s * NT + i] = gB[i];
+          for (int i = 0; i < NT; i += 4)
+            *reinterpret_cast<float4*>(sRB + tt * RP + r * NP + s * NT + i) = make_float4(gB[i], gB[i + 1], gB[i + 2], gB[i + 3]);
         } else {
 #pragma unroll
           for (int i = 0; i < NT; ++i) gBc[i] += gB[i];
         }
         if (Cv) {
 #pragma unroll
-          for (int i = 0; i < NT; ++i) sRC[(tt * R + r) * NP + s * NT + i] = gC[i];
+          for (int i = 0; i < NT; i += 4)
+            *reinterpret_cast<float4*>(sRC + tt * RP + r * NP + s * NT + i) = make_float4(gC[i], gC[i + 1], gC[i + 2], gC[i + 3]);
         } else {
 #pragma unroll
           for (int i = 0; i < NT; ++i) gCc[i] += gC[i];
@@ -590,7 +598,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
           if (isC ? !Cv : !Bv) continue;
           const int j = isC ? i - nout : i, tt = j % kSub, n = j / kSub, t = k * kSub + tt;
           if (t >= len) continue;
-          const float* src = (isC ? sRC : sRB) + tt * R * NP + n;
+          const float* src = (isC ? sRC : sRB) + tt * RP + n;
           float acc = 0.0f;
           for (int rr = 0; rr < R; ++rr) acc += src[rr * NP];
           float* dst = isC ? ws.gCv : ws.gBv;
