@@ -56,18 +56,44 @@ inline float fast_exp(float x) {
   return e * scale;
 }
 
-// softplus with PyTorch's threshold (identity above 20), and its derivative.
-inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
-inline float softplus_grad(float x) { return x > 20.0f ? 1.0f : 1.0f / (1.0f + std::exp(-x)); }
+// log(1 + w) for w in [0, 1], branch-free: 1 + w = 2^e (1 + f) with e in {0, 1}
+// and f in [sqrt(1/2) - 1, sqrt(2) - 1], then the Cephes logf polynomial in f.
+// For e = 0, f = w exactly, so small w keep their relative accuracy.
+inline float log1p_unit(float w) {
+  const bool big = w > 0.41421356f;
+  const float f = big ? 0.5f * (w - 1.0f) : w;
+  const float e = big ? 1.0f : 0.0f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  const float z = f * f;
+  y = y * z * f - 2.12194440e-4f * e - 0.5f * z;
+  return f + y + 0.693359375f * e;
+}
+
+// softplus with PyTorch's threshold (identity above 20), as
+// max(x, 0) + log(1 + exp(-|x|)) so that nothing overflows; and sigmoid.
+inline float softplus(float x) {
+  const float sp = std::max(x, 0.0f) + log1p_unit(fast_exp(-std::fabs(x)));
+  return x > 20.0f ? x : sp;
+}
+inline float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+inline float softplus_grad(float x) { return x > 20.0f ? 1.0f : sigmoid(x); }
 
 int64_t n_chunks(const P& p) { return (p.length + kChunk - 1) / kChunk; }
 int64_t n_slices(const P& p) { return std::min<int64_t>(kSlices, p.dim / p.groups); }
 
 // Per-thread staging of one block of one row.
 struct Tiles {
-  std::vector<float> x, dt, u, B, C, h, H, dA, gB, gC;
+  std::vector<float> x, dt, dsp, u, z, zsig, B, C, h, H, dA, gB, gC;
   explicit Tiles(int64_t N, bool backward)
-      : x(kChunk), dt(kChunk), u(kChunk), B(kChunk * N), C(kChunk * N), h(N) {
+      : x(kChunk), dt(kChunk), dsp(kChunk), u(kChunk), z(kChunk), zsig(kChunk), B(kChunk * N), C(kChunk * N), h(N) {
     if (backward) {
       H.resize(kChunk * N);
       dA.resize(kChunk * N);
@@ -105,10 +131,23 @@ void stage(const P& p, const Row<T>& row, int64_t t0, int64_t len, Tiles& w) {
   using E = Elem<T>;
   const int64_t N = p.dstate;
   for (int64_t t = 0; t < len; ++t) {
-    const float x = float(E::load(row.delta + t0 + t)) + row.bias;
-    w.x[t] = x;
-    w.dt[t] = p.delta_softplus ? softplus(x) : x;
+    w.x[t] = float(E::load(row.delta + t0 + t)) + row.bias;
     w.u[t] = float(E::load(row.u + t0 + t));
+  }
+  // Transcendentals per step, in separate loops so that they vectorise.
+  if (p.delta_softplus) {
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) {
+      w.dt[t] = softplus(w.x[t]);
+      w.dsp[t] = softplus_grad(w.x[t]);
+    }
+  } else {
+    std::copy(w.x.begin(), w.x.begin() + len, w.dt.begin());
+  }
+  if (row.z) {
+    for (int64_t t = 0; t < len; ++t) w.z[t] = float(E::load(row.z + t0 + t));
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) w.zsig[t] = sigmoid(w.z[t]);
   }
   if (row.B)
     for (int64_t n = 0; n < N; ++n)
@@ -144,7 +183,6 @@ inline float step(int64_t N, const float* a, float dt, float du, const float* b,
   return y;
 }
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 template <typename T>
 void fwd(const P& p) {
@@ -167,10 +205,7 @@ void fwd(const P& p) {
           const float* b = row.B ? &w.B[t * N] : row.Bc;
           const float* cc = row.C ? &w.C[t * N] : row.Cc;
           float y = step(N, row.A, w.dt[t], w.dt[t] * w.u[t], b, cc, h, nullptr, nullptr) + row.D * w.u[t];
-          if (row.z) {
-            const float zz = float(E::load(row.z + t0 + t));
-            y *= zz * sigmoid(zz);
-          }
+          if (row.z) y *= w.z[t] * w.zsig[t];
           E::store(out + t0 + t, y);
         }
         if (p.chunk_states) std::copy(h, h + N, p.chunk_states + (r * nch + c) * N);
@@ -239,7 +274,7 @@ void bwd_row(const P& p, int64_t bi, int64_t di, Tiles& w, const Workspace& ws, 
     for (int64_t t = len - 1; t >= 0; --t) {  // adjoint, backwards in time
       float gy = float(E::load(gout + t0 + t));
       if (row.z) {
-        const float zz = float(E::load(row.z + t0 + t)), s = sigmoid(zz);
+        const float zz = w.z[t], s = w.zsig[t];
         if (gz) E::store(gz + t0 + t, gy * ys[t] * s * (1.0f + zz * (1.0f - s)));
         gy *= zz * s;
       }
@@ -268,7 +303,7 @@ void bwd_row(const P& p, int64_t bi, int64_t di, Tiles& w, const Workspace& ws, 
       }
       g_dt += g_bsum * u;
       E::store(gu + t0 + t, gy * row.D + g_bsum * dt);
-      const float gx = p.delta_softplus ? g_dt * softplus_grad(w.x[t]) : g_dt;
+      const float gx = p.delta_softplus ? g_dt * w.dsp[t] : g_dt;
       E::store(gdelta + t0 + t, gx);
       gbias += gx;
     }

@@ -8,7 +8,8 @@ shared machine the wall time depends on the load, the CPU time much less.
 Each (implementation, L) runs in a fresh subprocess so that its peak memory
 can be read from the process's high-water mark (getrusage): peak RSS during
 the forward (and then forward+backward) minus the RSS with only the inputs
-allocated. Time is the median of --repeats runs after one warm-up run.
+allocated. Time is the median of --repeats runs after the first run (which measures the
+memory and is the warm-up), or that first run alone where it is long.
 
 Implementations whose previous length took longer than --time-budget seconds,
 or whose estimated (B, D, N, L) working set exceeds --max-gb, are skipped at
@@ -48,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, default=60.0, help="skip longer L once one fwd+bwd run took this long (s)")
     p.add_argument("--max-gb", type=float, default=6.0, help="skip runs whose estimated working set exceeds this")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--merge", action="store_true", help="keep other rows already in OUT/bench_cpu.json")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "L"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -99,17 +101,18 @@ def worker(args) -> dict:
     small = {k: v[..., :8].detach().clone().requires_grad_() if v.dim() == 3 else v for k, v in x.items()}
     ss.selective_scan(**small, delta_softplus=True, backend=backend).sum().backward()
     base = rss_bytes()
-    fwd()
-    mem_fwd = peak_rss_bytes() - base
-    fwd_bwd()
-    mem_fwd_bwd = peak_rss_bytes() - base
-
-    res = {"impl": impl, "L": L, "peak_mb_fwd": mem_fwd / 2**20, "peak_mb_fwd_bwd": mem_fwd_bwd / 2**20}
-    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+    first = {}
+    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):  # first runs: peak memory (and the compile)
         t0, c0 = time.perf_counter(), time.process_time()
-        fn()  # warm-up (also the compile for compiled_ref)
-        first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
-        times, cpu = ([first], [first_cpu]) if first > args.time_budget / 4 else ([], [])
+        fn()
+        first[name] = (time.perf_counter() - t0, time.process_time() - c0)
+        first[name + "_mem"] = peak_rss_bytes() - base
+
+    res = {"impl": impl, "L": L, "peak_mb_fwd": first["fwd_mem"] / 2**20, "peak_mb_fwd_bwd": first["fwd_bwd_mem"] / 2**20}
+    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        # A first run longer than a quarter of the budget is the measurement; else it was the warm-up.
+        slow = first[name][0] > args.time_budget / 4
+        times, cpu = ([first[name][0]], [first[name][1]]) if slow else ([], [])
         while len(times) < args.repeats and (not times or sum(times) < args.time_budget / 2):
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
@@ -129,7 +132,20 @@ def main(argv=None) -> None:
     from tqdm import tqdm
 
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, stopped = [], {}
+    path = args.out / "bench_cpu.json"
+    stopped = {}
+    meta = {"batch": args.batch, "dim": args.dim, "dstate": args.dstate, "threads": args.threads,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+    # --merge keeps the rows of earlier runs (same sizes) that this run does not redo.
+    old = json.loads(path.read_text()) if args.merge and path.exists() else {"meta": meta, "rows": []}
+    if args.merge and any(old["meta"].get(k) != meta[k] for k in ("batch", "dim", "dstate", "threads")):
+        raise SystemExit(f"--merge: {path} holds another configuration {old['meta']}")
+    rows = [r for r in old["rows"] if (r["impl"], r["L"]) not in {(i, L) for i in args.impls for L in args.lengths}]
+    commands = old["meta"].get("commands", []) + [" ".join([Path(sys.argv[0]).name] + sys.argv[1:])]
+    meta["commands"] = commands
+
+    def save():
+        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     jobs = [(impl, L) for L in sorted(args.lengths) for impl in args.impls]
     for impl, L in tqdm(jobs, desc="bench"):
         est_gb = WORKING_SET[impl] * args.batch * args.dim * args.dstate * L * 4 / 2**30
@@ -148,19 +164,18 @@ def main(argv=None) -> None:
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         row["load_average_1min"] = os.getloadavg()[0]
         rows.append(row)
+        save()
         tqdm.write(f"{impl:>14} L={L:>6}  fwd {row['ms_fwd']:10.1f} ms  fwd+bwd {row['ms_fwd_bwd']:10.1f} ms  "
                    f"cpu {row['cpu_ms_fwd_bwd']:10.1f} ms  peak fwd+bwd {row['peak_mb_fwd_bwd']:8.1f} MB  (load {os.getloadavg()[0]:.1f})")
         if row["ms_fwd_bwd"] / 1e3 > args.time_budget:
             stopped[impl] = f"fwd+bwd at L={L} took {row['ms_fwd_bwd'] / 1e3:.0f} s > --time-budget {args.time_budget:.0f} s"
 
-    meta = {"batch": args.batch, "dim": args.dim, "dstate": args.dstate, "threads": args.threads,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "load_average_at_end": os.getloadavg(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
-    (args.out / "bench_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    table = markdown_table(rows, args.impls, sorted(args.lengths))
+    save()
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    table = markdown_table(rows, impls, sorted({r["L"] for r in rows}))
     (args.out / "bench_cpu.md").write_text(table)
     print(table)
-    plot(rows, args.impls, args.out / "bench_cpu.png", meta)
+    plot(rows, impls, args.out / "bench_cpu.png", meta)
 
 
 def markdown_table(rows, impls, lengths) -> str:
