@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256, help="training window L")
     p.add_argument("--batch", type=int, default=16, help="windows per step B")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=2e-2, help="peak learning rate (AdamW, warmup then cosine)")
     p.add_argument("--time-limit", type=float, default=240.0,
                    help="stop training after this many seconds (0: none); the JSON records the steps done")
     p.add_argument("--eval-chars", type=int, default=CharLMConfig.eval_chars,
