@@ -38,7 +38,6 @@ the low-rank term, L length, L' = L//2 + 1 frequencies, c kernel copies.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Optional
 
@@ -47,65 +46,23 @@ from torch import Tensor, nn
 
 from ssmlab.core.cauchy import cauchy, cauchy_ref
 from ssmlab.core.discretize import bilinear
+from ssmlab.core.nplr import nplr_legs
 from ssmlab.core.s4d import SSMConv
 
 
-def hippo_legs(N: int) -> tuple[Tensor, Tensor]:
-    """HiPPO-LegS (S4 paper, eq. 2): A_nk = -sqrt(2n+1) sqrt(2k+1) for n > k, -(n+1) on the diagonal; B_n = sqrt(2n+1)."""
-    n = torch.arange(N, dtype=torch.float64)
-    r = (2 * n + 1).sqrt()
-    A = -torch.tril(r[:, None] * r[None, :], diagonal=-1) - torch.diag(n + 1)
-    return A, r.clone()
-
-
-def _legs_nplr_local(N: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """NPLR of HiPPO-LegS: A = V (Λ - P~ P~^*) V^*, with P_n = sqrt(n + 1/2) (S4 paper, section 3.3).
-
-    S = A + P P^T = -1/2 I + (skew-symmetric), so Λ = -1/2 + i·eig(-i·skew) and
-    V is unitary. Returns (Λ, P~ = V^* P, B~ = V^* B, V), complex128, all N modes.
-    """
-    A, B = hippo_legs(N)
-    P = (torch.arange(N, dtype=torch.float64) + 0.5).sqrt()
-    S = A + P[:, None] * P[None, :]
-    skew = S + 0.5 * torch.eye(N, dtype=torch.float64)  # S + I/2 is skew-symmetric
-    lam, V = torch.linalg.eigh(-1j * skew.to(torch.complex128))  # Hermitian: real λ, unitary V
-    Lam = torch.complex(torch.full_like(lam, -0.5), lam)
-    Vh = V.conj().T
-    return Lam, Vh @ P.to(torch.complex128), Vh @ B.to(torch.complex128), V
-
-
 def legs_nplr(N: int, return_V: bool = False):
-    """(Λ, P, B): the N/2 modes of HiPPO-LegS's NPLR form with positive imaginary part.
+    """(Λ, P, B): the N/2 modes of HiPPO-LegS's NPLR form with positive imaginary part (stage 02).
 
-    Λ (N',), P (r=1, N'), B (N',), complex128, all in the eigenbasis V; with
-    `return_V` also V (N, N'), whose columns and their conjugates form the full
-    unitary basis. Uses stage 02's ``ssmlab.core.nplr`` when it provides
-    ``nplr_legs``, else the local decomposition above (logged once).
+    Λ (N',), P (r=1, N'), B (N',), complex128, all in the eigenbasis V
+    (``ssmlab.core.nplr.nplr_legs``); with `return_V` also V (N, N'), whose
+    columns and their conjugates form the full unitary basis.
     """
     if not isinstance(N, int) or N < 2 or N % 2:
         raise ValueError(f"N must be an even int >= 2, got {N!r}")
-    try:
-        from ssmlab.core import nplr as stage02
-    except ImportError:
-        stage02 = None
-    if stage02 is not None and hasattr(stage02, "nplr_legs"):
-        Lam, P, B, V = (torch.as_tensor(x).to(torch.complex128) for x in stage02.nplr_legs(N))
-    else:
-        _log_fallback()
-        Lam, P, B, V = _legs_nplr_local(N)
+    Lam, P, B, V = nplr_legs(N)
     order = torch.argsort(Lam.imag, descending=True)[: N // 2]  # one mode of each conjugate pair
     out = (Lam[order], P.reshape(-1, N)[:, order], B[order])
     return out + (V[:, order],) if return_V else out
-
-
-_fallback_logged = False
-
-
-def _log_fallback() -> None:
-    global _fallback_logged
-    if not _fallback_logged:
-        logging.getLogger(__name__).info("ssmlab.core.nplr.nplr_legs not available: using s4._legs_nplr_local")
-        _fallback_logged = True
 
 
 def _full(x: Tensor) -> Tensor:

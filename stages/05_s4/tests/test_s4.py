@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from ssmlab.core.lti import ssm_kernel_ref
-from ssmlab.core.s4 import bilinear_dense, dplr_dense, hippo_legs, legs_nplr, s4_kernel, s4_layer
+from ssmlab.core.s4 import bilinear_dense, dplr_dense, legs_nplr, s4_kernel, s4_layer
 from ssmlab.core.testing import assert_close_rel
+
+
+def hippo_legs(N):
+    """HiPPO-LegS from eq. (2) of S4, written out independently: A_nk = -r_n r_k (n > k), -(n+1) (n = k); B_n = r_n."""
+    r = [(2 * n + 1) ** 0.5 for n in range(N)]
+    A = torch.tensor([[-r[n] * r[k] if n > k else (-(n + 1.0) if n == k else 0.0) for k in range(N)] for n in range(N)],
+                     dtype=torch.float64)
+    return A, torch.tensor(r, dtype=torch.float64)
 
 
 def _random_dplr(H, Np, r=1, c=1, seed=0):
