@@ -388,7 +388,9 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
     scheduler = make_scheduler(optimizer, cfg)
     step, resumed_from = 0, None
     if ckpt_path is not None and cfg.resume and ckpt_path.exists():
-        step = resumed_from = load_checkpoint(ckpt_path, model, optimizer, scheduler, data, map_location=device)["step"]
+        # Loaded on the CPU: RNG states must stay CPU byte tensors, and load_state_dict
+        # moves model and optimizer tensors to their parameters' device anyway.
+        step = resumed_from = load_checkpoint(ckpt_path, model, optimizer, scheduler, data)["step"]
     else:
         seed_everything(cfg.seed)
     amp = cfg.autocast_dtype()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,7 +102,15 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(_worker, args=(_free_port(), str(root)), nprocs=WORLD, start_method="fork", join=True)
+    # Fork from a fresh interpreter: forking this process is unsafe once it has
+    # run autograd on a GPU (autograd's device threads do not survive a fork).
+    code = (
+        "import importlib.util, torch.multiprocessing as mp\n"
+        f"spec = importlib.util.spec_from_file_location('ddp_workers', {__file__!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        f"mp.start_processes(m._worker, args=(m._free_port(), {str(root)!r}), nprocs=m.WORLD, start_method='fork', join=True)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
     return root
 
 
