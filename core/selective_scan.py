@@ -486,15 +486,23 @@ def selective_scan_native(
     return (out, last) if return_last_state else out
 
 
-def resolve_backend(u: Tensor, backend: str = "auto") -> str:
-    """The implementation that `selective_scan(..., backend=backend)` runs for u."""
+CUDA_MAX_DSTATE = 64  # the CUDA kernels keep N states per thread group in registers
+
+
+def resolve_backend(u: Tensor, backend: str = "auto", dstate: int = 1) -> str:
+    """The implementation that `selective_scan(..., backend=backend)` runs for u (and state size N)."""
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan: unknown backend {backend!r}; choose from {', '.join(map(repr, BACKENDS))}")
     if backend in PYTORCH_SCANS or backend == "ref":
         return backend
     if backend == "auto":
         if u.dtype in NATIVE_DTYPES and has_native(u.device):
-            return "cuda" if u.device.type == "cuda" else "cpu"
+            if u.device.type != "cuda":
+                return "cpu"
+            if dstate <= CUDA_MAX_DSTATE:
+                return "cuda"
+            log.warning("selective_scan: N = %d exceeds the CUDA kernel's limit of %d; using backend='ref'",
+                        dstate, CUDA_MAX_DSTATE)
         return "ref"
     which = native.backend_for(u.device, backend)  # raises for unavailable / wrong device
     if u.dtype not in NATIVE_DTYPES:
@@ -525,7 +533,7 @@ def selective_scan(
     through the returned last state, by every backend.
     """
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    which = resolve_backend(u, backend)
+    which = resolve_backend(u, backend, dstate=A.shape[-1])
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
     if which == "ref":
         return selective_scan_ref(*args)

@@ -13,7 +13,8 @@ import torch
 from ssmlab.core import native
 
 # Relative-error bounds by input dtype (forward and gradients).
-REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2,
+           torch.complex128: 1e-10, torch.complex64: 1e-4}
 
 requires_cuda = pytest.mark.skipif(
     not native.backends()["cuda"], reason="needs a CUDA GPU and a native module built with nvcc"
@@ -23,9 +24,15 @@ requires_native = pytest.mark.skipif(
 )
 
 
+def _real64(t: torch.Tensor) -> torch.Tensor:
+    """float64 on the CPU; a complex tensor as (real, imaginary) pairs."""
+    t = t.detach().cpu()
+    return torch.view_as_real(t.resolve_conj()).to(torch.float64) if t.is_complex() else t.to(torch.float64)
+
+
 def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     """||x - ref|| / ||ref|| in float64; NaN anywhere in x gives inf, never a pass."""
-    x64, r64 = x.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
+    x64, r64 = _real64(x), _real64(ref)
     if not torch.isfinite(x64).all():
         return float("inf")
     denom = r64.norm().item()

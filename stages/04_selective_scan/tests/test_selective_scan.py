@@ -19,7 +19,7 @@ import torch
 
 from ssmlab.core import native
 from ssmlab.core import selective_scan as ss
-from ssmlab.core.testing import assert_close_rel, devices
+from ssmlab.core.testing import assert_close_rel, devices, requires_cuda
 
 SEED = torch.seed() % 2**31
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -329,3 +329,10 @@ def test_groups_must_match_between_B_and_C():
     g["C"] = torch.randn(2, 4, 3, 5)
     with pytest.raises(ValueError, match="B has 2 groups but C has 4"):
         ss.selective_scan(**g)
+
+
+@requires_cuda
+def test_auto_backend_falls_back_for_states_the_cuda_kernel_cannot_hold():
+    u = torch.randn(1, 2, 3, device="cuda")
+    assert ss.resolve_backend(u, "auto", dstate=ss.CUDA_MAX_DSTATE) == "cuda"
+    assert ss.resolve_backend(u, "auto", dstate=ss.CUDA_MAX_DSTATE + 1) == "ref"
