@@ -58,8 +58,8 @@ def _load() -> tuple[ModuleType | None, str | None]:
     return module, None
 
 
-# Loaded once at import: the dispatchers read these plain globals, which keeps
-# them traceable by torch.compile without graph breaks.
+# Loaded once at import (loading the library touches no device): the
+# dispatchers read plain globals, which torch.compile traces without breaks.
 _MODULE, _WHY = _load()
 
 
@@ -81,12 +81,22 @@ def _probe() -> dict[str, bool]:
     return {"ref": True, "cpu": _MODULE is not None, "cuda": cuda}
 
 
-_BACKENDS = _probe()
+# Probed on first use, not at import: asking the CUDA runtime for devices
+# initialises the driver, and a process that forks workers afterwards (DDP
+# tests, data loaders) would leave them unable to use CUDA.
+_BACKENDS: dict[str, bool] | None = None
+
+
+def _backends() -> dict[str, bool]:
+    global _BACKENDS
+    if _BACKENDS is None:
+        _BACKENDS = _probe()
+    return _BACKENDS
 
 
 def backends() -> dict[str, bool]:
     """Which backends can run in this process: {'ref': True, 'cpu': ..., 'cuda': ...}."""
-    return dict(_BACKENDS)
+    return dict(_backends())
 
 
 def available_backends() -> list[str]:
@@ -110,7 +120,7 @@ def describe() -> str:
 
 def backend_for(device: torch.device, requested: str = "auto") -> str:
     """Resolve 'auto' to the fastest backend for a device, or check an explicit request."""
-    have = _BACKENDS
+    have = _backends()
     if requested == "auto":
         if device.type == "cuda":
             return "cuda" if have["cuda"] else "ref"
