@@ -7,6 +7,10 @@ bfloat16 inputs carry about 3 significant digits.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -49,3 +53,13 @@ def assert_close_rel(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, wha
 def devices() -> list[str]:
     """'cpu', plus 'cuda' where the CUDA backend can run."""
     return ["cpu"] + (["cuda"] if native.backends()["cuda"] else [])
+
+
+def load_script(path: Path) -> ModuleType:
+    """A stage script as a module, so tests can call its main() in-process
+    (stage folders start with digits and are not importable packages)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"_script_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,21 +1,18 @@
 """Each script runs in --quick mode, writes its JSON and PNG, and its training reduces the loss."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from ssmlab.core.testing import load_script
+
 STAGE = Path(__file__).resolve().parents[1]
 
 
 def load(script):
-    """The script as a module (its folder name is not importable), so its main() runs in-process."""
-    spec = importlib.util.spec_from_file_location(f"stage01_{script}", STAGE / f"{script}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(STAGE / f"{script}.py")
 
 
 @pytest.fixture(autouse=True)

@@ -1,18 +1,15 @@
 """Each stage 02 script runs in --quick mode and writes its figures and JSON with sane numbers."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+from ssmlab.core.testing import load_script
 
 STAGE = Path(__file__).resolve().parents[1]
 
 
 def load(script):
-    """The script as a module (its folder name is not importable), so its main() runs in-process."""
-    spec = importlib.util.spec_from_file_location(f"stage02_{script}", STAGE / f"{script}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(STAGE / f"{script}.py")
 
 
 def test_matrices(tmp_path):

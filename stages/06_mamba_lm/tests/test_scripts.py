@@ -4,23 +4,20 @@ The runs call each script's `main(argv)` in this process (saving the interpreter
 `monkeypatch.syspath_prepend` puts the stage folder on the path as running the script would.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ssmlab.core.testing import load_script
 
 STAGE = Path(__file__).resolve().parents[1]
 
 
 def _script(name, monkeypatch):
     monkeypatch.syspath_prepend(str(STAGE))
-    spec = importlib.util.spec_from_file_location(f"_stage06_{name}", STAGE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(STAGE / f"{name}.py")
 
 
 def test_help_in_a_subprocess():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -14,16 +13,14 @@ import pytest
 import torch
 
 from ssmlab.datasets.bpe import SEP_ID, load_bpe_corpus, split_documents
+from ssmlab.core.testing import load_script
 
 STAGE = Path(__file__).resolve().parents[1]
 ROOT = STAGE.parents[1]
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage06_{name}", STAGE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(STAGE / f"{name}.py")
 
 
 WORDS = "the king queen lord speaks to his her noble friend and heart of love death night day sword crown".split()
