@@ -24,7 +24,8 @@ cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 STAGE=stages/05_s4
 export SSMLAB_IMDB=${SSMLAB_IMDB:-.data/aclImdb.tar.gz}
-COMMON=(--device cuda --time-limit 480 --threads 4 --no-progress)
+# TIME_LIMIT / THREADS: override when several jobs share one GPU (e.g. THREADS=2).
+COMMON=(--device cuda --time-limit "${TIME_LIMIT:-480}" --threads "${THREADS:-4}" --no-progress)
 
 copy_out() {  # copy the finished job's small results to $OUT (the device tool brings them back)
   if [[ -n "${OUT:-}" ]]; then cp "$@" "$OUT"/ 2>/dev/null || true; fi

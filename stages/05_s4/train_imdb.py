@@ -45,7 +45,7 @@ EXIT_UNFINISHED = 3  # --time-limit stopped the run before its last step: run th
 DEFAULTS = {
     ("cuda", "bpe"): dict(max_len=1024, vocab_size=8192, budget=6_000_000, n_layers=4, batch_size=32, epochs=5,
                           train_subset=None, val_subset=None, test_subset=None, lr=1e-3),
-    ("cuda", "byte"): dict(max_len=4096, vocab_size=257, budget=1_000_000, n_layers=6, batch_size=32, epochs=10,
+    ("cuda", "byte"): dict(max_len=4096, vocab_size=257, budget=1_000_000, n_layers=6, batch_size=32, epochs=6,
                            train_subset=None, val_subset=None, test_subset=None, lr=2e-3),
     ("cpu", "bpe"): dict(max_len=256, vocab_size=4096, budget=400_000, n_layers=2, batch_size=32, epochs=4,
                          train_subset=4000, val_subset=500, test_subset=2000, lr=5e-3),

@@ -43,7 +43,8 @@ IMDB=(--level bpe --text imdb --imdb .data/aclImdb.tar.gz --vocab-size 8192 --si
       --log-every 50 --out "$RES/lm/imdb-bpe-30m")
 DDP=(--text .data/tinyshakespeare.txt --size char-10m --seq-len 256 --batch-size 64 --steps 400 --lr 1e-3
      --warmup 100 --eval-every 400 --eval-windows 64 --ckpt-every 400 --log-every 50)
-TRAIN=(--device cuda --precision auto --time-limit-min 8 --threads 4 --no-progress)
+# TIME_LIMIT_MIN / THREADS: override when several jobs share one GPU.
+TRAIN=(--device cuda --precision auto --time-limit-min "${TIME_LIMIT_MIN:-8}" --threads "${THREADS:-4}" --no-progress)
 
 need() { [ -e "$1" ] || { echo "missing $1: copy the data into .data/ and carry it (see the header)" >&2; exit 2; }; }
 

@@ -42,3 +42,14 @@ def test_help(main, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--tokenizer" in out and "--param-budget" in out
+
+
+def test_bench_train_step_quick(tmp_path, capsys):
+    """The step-time benchmark runs every model at tiny size and writes one row per model and tokenizer."""
+    bench = runpy.run_path(str(SCRIPT.parent / "bench_train_step.py"))["main"]
+    assert bench(["--device", "cpu", "--quick", "--warmup", "0", "--repeats", "1", "--models", "s4", "mamba",
+                  "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_train_step_cpu_quick.json").read_text())["rows"]
+    assert [(r["tokenizer"], r["model"]) for r in rows] == [("bpe", "s4"), ("bpe", "mamba"), ("byte", "s4"),
+                                                            ("byte", "mamba")]
+    assert all(r["status"] == "ok" and r["step_ms"] > 0 for r in rows)
