@@ -13,7 +13,7 @@
 # Jobs (one model per job so each fits a 10-minute slot; rerun a job while it exits 75):
 #   sc-paper-mamba  sc-paper-s4d  sc-paper-s4d-nogate     selective copying, paper: V=16, 16 tokens, context 4096
 #   sc-study-mamba  sc-study-s4d  sc-study-s4d-nogate     selective copying, reference study: V=30, L=64 -> 128, 10k examples
-#   ih-paper-mamba  ih-paper-s4d                           induction heads, paper: V=16, train 256, test 2^6 .. 2^20
+#   ih-paper-mamba  ih-paper-s4d  ih-paper-transformer     induction heads, paper: V=16, train 256, test 2^6 .. 2^20
 #
 # Expected cost (not yet measured on a GPU; the lead fills in the README): the paper selective-copying
 # jobs are the longest (8000 steps of 64 x 4112 tokens); the others take a few minutes each.

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ssmlab.core.mamba import MambaConfig, MambaLMHeadModel
+from ssmlab.core.transformer import TransformerLM, match_mamba
 from ssmlab.core.training import TrainConfig, train
 from ssmlab.datasets.synthetic import IGNORE
 
@@ -27,6 +28,9 @@ MODEL_KINDS = {
     "mamba": ("mamba", True),  # selective SSM (S6) + gate: the Mamba block
     "s4d": ("s4d", True),  # LTI (S4D-Real kernel) in the same gated block (like H3)
     "s4d-nogate": ("s4d", False),  # LTI without the gate (the paper's "S4" row)
+    # attention baseline with rotary positions (the paper's MHA-RoPE row): as many layers as
+    # the Mamba model, its MLP sized so the parameter count matches Mamba's within 5%
+    "transformer": ("attention", True),
 }
 
 
@@ -71,14 +75,18 @@ def fill_defaults(args: argparse.Namespace, presets: dict) -> argparse.Namespace
     return args
 
 
-def build_model(kind: str, vocab_size: int, args: argparse.Namespace) -> MambaLMHeadModel:
+def build_model(kind: str, vocab_size: int, args: argparse.Namespace) -> MambaLMHeadModel | TransformerLM:
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; choose from {sorted(MODEL_KINDS)}")
     mixer, gated = MODEL_KINDS[kind]
-    cfg = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=vocab_size, d_state=args.d_state,
-                      mixer=mixer, gated=gated)
+    mamba_cfg = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=vocab_size,
+                            d_state=args.d_state, mixer="mamba" if mixer == "attention" else mixer, gated=gated)
     torch.manual_seed(args.seed)
-    return MambaLMHeadModel(cfg)
+    if mixer == "attention":
+        # heads of width 16 at these small widths (match_mamba's default of 64 would leave one head);
+        # any MLP width (multiple=1): at D = 8 a multiple of 8 cannot land within 5%
+        return TransformerLM(match_mamba(mamba_cfg, n_layer=args.n_layer, n_head=max(1, args.d_model // 16), multiple=1))
+    return MambaLMHeadModel(mamba_cfg)
 
 
 def masked_loss(model, batch):

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from ssmlab.core.testing import load_script
@@ -28,12 +29,12 @@ def test_help_in_a_subprocess():
 
 def test_selective_copying_tiny_run(tmp_path, monkeypatch):
     script = _script("selective_copying", monkeypatch)
-    rc = script.main(["--models", "mamba,s4d-nogate", "--steps", "3", "--d-model", "8", "--n-tokens", "2",
+    rc = script.main(["--models", "mamba,s4d-nogate,transformer", "--steps", "3", "--d-model", "8", "--n-tokens", "2",
                       "--train-len", "8", "--test-lens", "8,16", "--eval-samples", "4", "--batch-size", "4",
                       "--no-progress", "--threads", "1", "--out", str(tmp_path)])
     assert rc == 0
     res = json.loads((tmp_path / "selective_copying_cpu.json").read_text())
-    assert set(res["models"]) == {"mamba", "s4d-nogate"}
+    assert set(res["models"]) == {"mamba", "s4d-nogate", "transformer"}
     for m in res["models"].values():
         assert set(m["accuracy"]) == {"8", "16"} and all(0 <= a <= 1 for a in m["accuracy"].values())
         assert m["steps_done"] == 3 and m["params"] > 0
@@ -55,4 +56,14 @@ def test_induction_heads_tiny_run_time_limit_and_resume(tmp_path, monkeypatch):
 def test_unknown_model_kind_is_refused(tmp_path, monkeypatch):
     script = _script("induction_heads", monkeypatch)
     with pytest.raises(ValueError, match="unknown model kind"):
-        script.main(["--models", "transformer", "--steps", "1", "--out", str(tmp_path), "--no-progress"])
+        script.main(["--models", "lstm", "--steps", "1", "--out", str(tmp_path), "--no-progress"])
+
+
+@pytest.mark.parametrize("d_model,vocab", [(32, 16), (64, 16), (64, 32)])
+def test_transformer_baseline_matches_mamba_parameters(d_model, vocab, monkeypatch):
+    common = _script("synthetic_common", monkeypatch)
+    args = SimpleNamespace(d_model=d_model, n_layer=2, d_state=16, seed=0)
+    mamba = common.build_model("mamba", vocab, args)
+    attn = common.build_model("transformer", vocab, args)
+    assert abs(attn.num_parameters() - mamba.num_parameters()) <= 0.05 * mamba.num_parameters()
+    assert len(attn.layers) == 2 and attn.config.head_dim == 16
