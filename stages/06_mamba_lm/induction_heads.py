@@ -7,10 +7,11 @@ Presets (any option overrides them):
          at every power of two from 2^6 to 2^20 (run it on a GPU)
 
 Writes <out>/induction_heads_<preset>.json and .png (accuracy against test
-length, one curve per model). The Transformer baselines of the paper's
-Table 11 are in part 2 of stage 06.
+length, one curve per model). `--models transformer` adds the attention
+baseline with rotary positions (the paper's MHA-RoPE row of Table 11).
 
     python stages/06_mamba_lm/induction_heads.py                          # cpu preset
+    python stages/06_mamba_lm/induction_heads.py --models mamba,transformer
     python stages/06_mamba_lm/induction_heads.py --preset paper --device cuda
 """
 
