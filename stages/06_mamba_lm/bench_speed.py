@@ -524,11 +524,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mem-lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--gen-warmup", type=int, default=1, help="gen: warm-up generations per row (eager ones take seconds)")
+    p.add_argument("--gen-repeats", type=int, default=3, help="gen: timed generations per row")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     if p.parse_known_args(argv)[0].quick:  # tiny defaults; flags given explicitly still win
         p.set_defaults(size="tiny", vocab_size=256, lengths=[32, 64, 128], tokens_per_step=256, gen_batches=[1, 4],
-                       prompt_len=32, new_tokens=8, mem_lengths=[32, 64, 128], warmup=1, repeats=2, device="cpu",
+                       prompt_len=32, new_tokens=8, mem_lengths=[32, 64, 128], warmup=1, repeats=2, gen_warmup=1,
+                       gen_repeats=2, device="cpu",
                        out=str(DEFAULT_OUT / "quick"))
     args = p.parse_args(argv)
     return args
@@ -562,10 +565,10 @@ def main(argv=None) -> dict:
                 new += bench_train(name, mcfg, args.lengths, args.tokens_per_step, device, timer, args.warmup, args.repeats, log)
             elif section == "gen":
                 new += bench_gen(name, mcfg, args.gen_batches, args.prompt_len, args.new_tokens, device, timer,
-                                 args.warmup, args.repeats, log)
+                                 args.gen_warmup, args.gen_repeats, log)
                 if name == "mamba" and device.type == "cuda" and not args.no_graph:
                     new += bench_gen(name, mcfg, args.gen_batches, args.prompt_len, args.new_tokens, device, timer,
-                                     args.warmup, args.repeats, log, graph=True)
+                                     args.gen_warmup, args.gen_repeats, log, graph=True)
             else:
                 new += bench_memory(name, mcfg, args.mem_lengths, device, log)
         path = out / f"bench_{section}.json"
