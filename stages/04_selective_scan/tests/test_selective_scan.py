@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,6 +258,34 @@ def test_native_cpu_independent_of_thread_count():
         mod.set_openmp_threads(before)
     for a, b in zip(*results):
         assert torch.equal(a, b), "native CPU results depend on the thread count"
+
+
+def _check_native_cpu(c: Case, seed: int) -> None:
+    x = make_inputs(c, seed)
+    got = run(ss.selective_scan, cast(x, c.dtype, "cpu"), c.softplus, x["grad_out"], x["grad_last"], backend="cpu")
+    for name, a, b in zip(["out", "last_state"] + [f"grad {k}" for k in ARGS], got, reference(c, seed)):
+        if a is not None:
+            assert_close_rel(a, b, c.dtype, f"cpu {c} {name} (seed {seed})")
+
+
+@pytest.mark.skipif(not ss.has_native(torch.device("cpu")), reason="native module not built")
+@pytest.mark.parametrize("N", [24, 40, 100])
+def test_native_cpu_state_sizes(N):
+    """The CPU kernel pads N to whole 8-float vectors and splits it into register
+    blocks of up to 32 states: N = 24 (3 vectors), 40 and 100 (several blocks)."""
+    _check_native_cpu(Case(150, N, "var/grp", torch.float32, batch=1, dim=4), SEED)
+
+
+@pytest.mark.skipif(not ss.has_native(torch.device("cpu")), reason="native module not built")
+def test_native_cpu_portable_kernels():
+    """SSMLAB_SELECTIVE_SCAN_ISA=portable forces the kernels built for any CPU
+    (instead of AVX2+FMA where the CPU has it); they must pass the same checks."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_selective_scan as t; "
+            f"import torch; [t._check_native_cpu(t.Case(L, N, lay, dt), {SEED}) for L, N, lay, dt in "
+            f"[(130, 16, 'var', torch.float32), (65, 40, 'inv/grp', torch.bfloat16), (3, 5, 'grp', torch.float16)]]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SSMLAB_SELECTIVE_SCAN_ISA": "portable"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_auto_backend_resolution():
