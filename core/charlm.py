@@ -13,6 +13,8 @@ their validation bits per character are comparable:
   window starts from an empty context), every target scored once;
 * `train_char_lm`: the shared recipe of `ssmlab.core.training` (AdamW,
   warmup + cosine, clipping, tqdm) with a bits-per-character evaluation;
+* `TrimVocab`: keeps the first V logits of a backbone whose vocabulary is
+  padded (stage 06's Mamba and Transformer round V up to a multiple of 8);
 * `generate`: greedy (temperature 0) or temperature sampling;
 * `write_json`: results files.
 
@@ -35,7 +37,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -128,15 +130,33 @@ def bits_per_char(model: nn.Module, ids: Tensor, seq_len: int = 256, batch_size:
     return total / y.numel() / LN2
 
 
+class TrimVocab(nn.Module):
+    """`model` with its logits cut to the first V: (B, L) ids -> (B, L, V).
+
+    For backbones whose vocabulary is padded (Mamba and the Transformer round V
+    up to a multiple of 8 for tensor cores): the padding ids are never targets,
+    and left in the softmax they would take probability mass from real ones.
+    """
+
+    def __init__(self, model: nn.Module, V: int):
+        super().__init__()
+        self.model, self.V = model, V
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(ids)[..., : self.V]
+
+
 # ----------------------------------------------------------------------------- training
 
 
-def train_char_lm(model: nn.Module, corpus: Any, cfg: TrainConfig, lm: CharLMConfig = CharLMConfig()) -> dict:
+def train_char_lm(model: nn.Module, corpus: Any, cfg: TrainConfig, lm: CharLMConfig = CharLMConfig(),
+                  on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Train `model` on ``corpus.train_ids`` with the shared recipe; evaluate on ``corpus.val_ids``.
 
     `corpus` is a `ssmlab.datasets.text.CharCorpus` (anything with train_ids and
-    val_ids). Returns a JSON-ready dict: val_bpc (final), the first and last
-    training losses, and the history of train/eval records.
+    val_ids). `on_step` is passed to `train` (e.g. a `StepTimer`). Returns a
+    JSON-ready dict: val_bpc (final), the first and last training losses, and
+    the history of train/eval records.
     """
     data = window_batches(corpus.train_ids, lm.batch_size, lm.seq_len, seed=cfg.seed)
 
@@ -144,7 +164,7 @@ def train_char_lm(model: nn.Module, corpus: Any, cfg: TrainConfig, lm: CharLMCon
         return {"val_bpc": bits_per_char(m, corpus.val_ids, lm.eval_seq_len, lm.eval_batch_size, lm.eval_chars,
                                          device=cfg.device)}
 
-    result = train(model, lm_loss, data, cfg, eval_fn=eval_fn)
+    result = train(model, lm_loss, data, cfg, eval_fn=eval_fn, on_step=on_step)
     train_recs = [r for r in result.history if r["kind"] == "train"]
     evals = [r for r in result.history if r["kind"] == "eval"]
     if not evals or evals[-1]["step"] != result.step:  # stopped early by cfg.time_limit_s: score the model we have

@@ -349,6 +349,44 @@ def load_checkpoint(path: Union[str, os.PathLike], model: nn.Module, optimizer: 
     return state
 
 
+# --------------------------------------------------------------------------- throughput
+
+
+class StepTimer:
+    """Training throughput from the wall time of optimizer steps that did nothing else.
+
+    Pass it as `train`'s ``on_step``; it is called after every step. A step's
+    time counts unless it is the first of this session (warm-up) or it also
+    validated or wrote a checkpoint. `train` reads the loss of every
+    micro-batch (.item()), so the wall clock is synchronised with the GPU at
+    each step.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.t_start = self.last = time.perf_counter()
+        self.first = True
+        self.n, self.seconds = 0, 0.0
+
+    def __call__(self, step: int, record: dict) -> None:
+        now = time.perf_counter()
+        c = self.cfg
+        busy = (c.eval_every and step % c.eval_every == 0) or (c.ckpt_every and step % c.ckpt_every == 0) \
+            or step == c.max_steps
+        if not self.first and not busy:
+            self.n += 1
+            self.seconds += now - self.last
+        self.first, self.last = False, now
+
+    def tokens_per_s(self, tokens_per_step: int):
+        """Tokens per second over the timed steps (None if no step was timed)."""
+        return round(self.n * tokens_per_step / self.seconds, 1) if self.n else None
+
+    def wall(self) -> float:
+        """Seconds since the timer was made."""
+        return time.perf_counter() - self.t_start
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -469,7 +507,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
 
 
 __all__ = [
-    "CHECKPOINT_NAME", "LOG_NAME", "EpochBatches", "GeneratedBatches", "TrainConfig", "TrainResult",
+    "CHECKPOINT_NAME", "LOG_NAME", "EpochBatches", "GeneratedBatches", "StepTimer", "TrainConfig", "TrainResult",
     "WarmupCosine", "load_checkpoint", "lr_factor", "make_optimizer", "make_scheduler", "no_decay",
     "param_groups", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "to_device", "train",
 ]

@@ -152,6 +152,23 @@ def match_mamba(mamba_cfg, n_layer: Optional[int] = None, n_head: Optional[int] 
     return cfg
 
 
+def build_matched_lm(name: str, mamba_cfg, max_seq_len: int = 2048):
+    """Stage 06's pair at one size: ``(model, n_params, cfg)``.
+
+    name "mamba": the Mamba LM of `mamba_cfg`; "transformer": the Transformer
+    baseline matched to it by `match_mamba` (parameters within 5%). Both map
+    ids (B, L) to logits over the padded vocabulary (B, L, V_padded).
+    """
+    from ssmlab.core.mamba import MambaLMHeadModel, param_count as mamba_param_count
+
+    if name == "mamba":
+        return MambaLMHeadModel(mamba_cfg), mamba_param_count(mamba_cfg), mamba_cfg
+    if name == "transformer":
+        cfg = match_mamba(mamba_cfg, max_seq_len=max_seq_len)
+        return TransformerLM(cfg), param_count(cfg), cfg
+    raise ValueError(f"build_matched_lm: name must be 'mamba' or 'transformer', got {name!r}")
+
+
 # --------------------------------------------------------------------------- rotary embeddings
 
 
@@ -392,5 +409,6 @@ def kv_cache_nbytes(caches: list[KVCache]) -> int:
 
 __all__ = [
     "Attention", "KVCache", "MLP", "TransformerBlock", "TransformerConfig", "TransformerLM", "apply_rotary",
-    "causal_attention", "causal_attention_ref", "kv_cache_nbytes", "match_mamba", "param_count", "rotary_cos_sin",
+    "build_matched_lm", "causal_attention", "causal_attention_ref", "kv_cache_nbytes", "match_mamba", "param_count",
+    "rotary_cos_sin",
 ]

@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--time-limit", type=float, default=200.0,
                    help="stop training after this many seconds (0: none); the JSON records the steps done")
-    p.add_argument("--eval-chars", type=int, default=32768, help="validation characters scored (0: all)")
+    p.add_argument("--eval-chars", type=int, default=CharLMConfig.eval_chars,
+                   help="validation characters scored (0: all); keep the ladder's default (65,536) to compare stages")
     p.add_argument("--sample-chars", type=int, default=300, help="characters to sample at the end (step mode)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
     p.add_argument("--prompt", default="ROMEO:\n", help="sampling prompt")

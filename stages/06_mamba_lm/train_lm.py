@@ -39,9 +39,9 @@ import torch.nn.functional as F
 
 from ssmlab.core import distributed as dist_
 from ssmlab.core.checkpoint import atomic_write_text
-from ssmlab.core.mamba import MambaConfig, MambaLMHeadModel, param_count as mamba_params
-from ssmlab.core.training import EpochBatches, LOG_NAME, TrainConfig
-from ssmlab.core.transformer import TransformerLM, match_mamba, param_count as transformer_params
+from ssmlab.core.mamba import MambaConfig
+from ssmlab.core.training import EpochBatches, LOG_NAME, StepTimer, TrainConfig
+from ssmlab.core.transformer import build_matched_lm
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "lm"
@@ -143,13 +143,6 @@ def mamba_config(args, V: int) -> MambaConfig:
     return MambaConfig(vocab_size=V, **size)
 
 
-def build_model(name: str, mcfg: MambaConfig):
-    if name == "mamba":
-        return MambaLMHeadModel(mcfg), mamba_params(mcfg), mcfg
-    tcfg = match_mamba(mcfg, max_seq_len=2048)
-    return TransformerLM(tcfg), transformer_params(tcfg), tcfg
-
-
 def lm_loss(V: int):
     def loss_fn(model, batch):
         x, y = batch
@@ -185,38 +178,6 @@ def read_log(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------- one run
 
 
-class StepTimer:
-    """Training throughput from the wall time of optimizer steps that did nothing else.
-
-    Called after every step (`train`'s on_step). A step's time counts unless it
-    is the first of this session (warm-up) or it also validated or wrote a
-    checkpoint. `train` reads the loss of every micro-batch (.item()), so the
-    wall clock is synchronised with the GPU at each step.
-    """
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self.t_start = self.last = time.perf_counter()
-        self.first = True
-        self.n, self.seconds = 0, 0.0
-
-    def __call__(self, step: int, record: dict) -> None:
-        now = time.perf_counter()
-        c = self.cfg
-        busy = (c.eval_every and step % c.eval_every == 0) or (c.ckpt_every and step % c.ckpt_every == 0) \
-            or step == c.max_steps
-        if not self.first and not busy:
-            self.n += 1
-            self.seconds += now - self.last
-        self.first, self.last = False, now
-
-    def tokens_per_s(self, tokens_per_step: int):
-        return round(self.n * tokens_per_step / self.seconds, 1) if self.n else None
-
-    def wall(self) -> float:
-        return time.perf_counter() - self.t_start
-
-
 def time_left_s(args) -> float:
     """Seconds left of --time-limit-min, counted from the script's start over all its models (0: no limit)."""
     if not args.time_limit_min:
@@ -227,7 +188,7 @@ def time_left_s(args) -> float:
 def run_model(name: str, args, corpus, env) -> dict:
     torch.manual_seed(args.seed)  # same init seed for both models' families
     mcfg = mamba_config(args, corpus.V)
-    model, n_params, cfg = build_model(name, mcfg)
+    model, n_params, cfg = build_matched_lm(name, mcfg)
     out = Path(args.out) / name
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
     level = getattr(corpus, "level", args.level)

@@ -42,3 +42,12 @@ def test_char_lm_learns(tmp_path):
     assert r["last_loss"] < r["first_loss"]
     assert r["val_bpc"] < math.log2(r["corpus"]["V"])  # better than uniform
     assert len(r["sample"]) == len(r["sample_prompt"]) + 40
+
+
+def test_char_lm_scores_the_ladder_protocol_by_default():
+    """Same evaluation as stage 01 and the ladder: the first 65,536 validation characters, windows of 256."""
+    from ssmlab.core.charlm import CharLMConfig
+
+    args = load("char_lm").parse_args([])
+    assert args.eval_chars == CharLMConfig.eval_chars == 65536
+    assert args.seq_len == CharLMConfig.eval_seq_len == 256  # stage 03 evaluates in windows of --seq-len
