@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,29 +29,10 @@ sys.path.insert(0, str(HERE))
 import train_imdb  # noqa: E402  (the script next to this one: same model choices and defaults)
 
 from ssmlab.core.seq_models import build_model, param_count  # noqa: E402
+from ssmlab.core.timing import Timer  # noqa: E402
 from ssmlab.core.training import TrainConfig, make_optimizer  # noqa: E402
 
 VOCAB = {"bpe": 8192, "byte": 257}
-
-
-def time_steps(step, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Seconds per call of `step`, one entry per repeat (after `warmup` calls)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def bench_one(model_name: str, tokenizer: str, a: argparse.Namespace, device: torch.device) -> dict:
@@ -80,7 +60,7 @@ def bench_one(model_name: str, tokenizer: str, a: argparse.Namespace, device: to
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = time_steps(step, device, a.warmup, a.repeats)
+    times = Timer(device)(step, a.warmup, a.repeats)
     ms = 1e3 * statistics.median(times)
     row = {"model": model_name, "tokenizer": tokenizer, "params": param_count(model), "batch": batch,
            "length": s.max_len, "step_ms": ms, "tokens_per_s": batch * s.max_len / (ms / 1e3),

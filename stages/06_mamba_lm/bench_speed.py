@@ -36,9 +36,8 @@ import gc
 import json
 import math
 import statistics
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ssmlab.core.checkpoint import atomic_write_text
 from ssmlab.core.mamba import MambaConfig, MambaLMHeadModel, param_count as mamba_params, preset
+from ssmlab.core.timing import Timer
 from ssmlab.core.training import TrainConfig, make_optimizer
 from ssmlab.core.transformer import TransformerLM, match_mamba, param_count as transformer_params
 
@@ -56,36 +56,6 @@ PLOTTED = ("mamba", "mamba-graph", "transformer")  # gen rows may also hold Mamb
 
 
 # --------------------------------------------------------------------------- timing and memory
-
-
-class Timer:
-    """Median seconds of a callable: CUDA events on GPU, perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], None], warmup: int, repeats: int) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(repeats):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-        return times
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
 
 
 def reset_memory(device: torch.device) -> None:
