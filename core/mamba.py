@@ -71,6 +71,7 @@ class MambaConfig:
     rescale_prenorm_residual: bool = True  # out_proj.weight /= sqrt(n_layer) at init (GPT-2 scheme)
     mixer: str = "mamba"  # "mamba": selective SSM (S6); "s4d": LTI baseline, Delta, B, C input-independent
     gated: bool = True  # y *= SiLU(z); False drops z (in_proj then has ED outputs), as in an ungated S4
+    dropout: float = 0.0  # on the embedding and on each block's mixer output, training only (the reference has none)
     d_inner: int = field(init=False)  # E * D
     vocab_size_padded: int = field(init=False)  # V rounded up
 
@@ -93,6 +94,8 @@ class MambaConfig:
             raise ValueError(f"MambaConfig.norm_eps must be > 0, got {self.norm_eps}")
         if self.mixer not in ("mamba", "s4d"):
             raise ValueError(f"MambaConfig.mixer must be 'mamba' or 's4d', got {self.mixer!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MambaConfig.dropout must be in [0, 1), got {self.dropout}")
         self.d_inner = self.expand * self.d_model
         m = self.pad_vocab_size_multiple
         self.vocab_size_padded = (self.vocab_size + m - 1) // m * m
@@ -369,9 +372,10 @@ class Block(nn.Module):
         self.residual_in_fp32 = cfg.residual_in_fp32
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, device=device, dtype=dtype)
         self.mixer = (Mamba if cfg.mixer == "mamba" else LTIMixer)(cfg, device=device, dtype=dtype)
+        self.drop = nn.Dropout(cfg.dropout)  # an identity in eval mode; step() (generation) never drops
 
     def forward(self, h: Tensor, cache: Optional[MambaLayerCache] = None) -> Tensor:
-        out = self.mixer(self.norm(h.to(self.norm.weight.dtype)), cache)
+        out = self.drop(self.mixer(self.norm(h.to(self.norm.weight.dtype)), cache))
         return (h.float() if self.residual_in_fp32 else h) + out
 
     def step(self, h: Tensor, cache: MambaLayerCache) -> Tensor:
@@ -387,9 +391,10 @@ class MambaBackbone(nn.Module):
         self.embedding = nn.Embedding(cfg.vocab_size_padded, cfg.d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList([Block(cfg, device=device, dtype=dtype) for _ in range(cfg.n_layer)])
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, device=device, dtype=dtype)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, input_ids: Tensor, caches: Optional[list[MambaLayerCache]] = None) -> Tensor:
-        h = self.embedding(input_ids)  # (B, L, D)
+        h = self.drop(self.embedding(input_ids))  # (B, L, D)
         for i, layer in enumerate(self.layers):
             h = layer(h, None if caches is None else caches[i])
         return self.norm_f(h.to(self.norm_f.weight.dtype))

@@ -69,6 +69,7 @@ class TransformerConfig:
     initializer_range: float = 0.02  # std of every weight matrix at init
     rescale_prenorm_residual: bool = True  # output projections get std / sqrt(2 n_layer) (GPT-2 scheme)
     max_seq_len: int = 2048  # default KV-cache capacity (it grows when exceeded); no learned positions
+    dropout: float = 0.0  # on the embedding and on each attention / MLP output, training only
     head_dim: int = field(init=False)  # P = D / H
     vocab_size_padded: int = field(init=False)  # V rounded up
 
@@ -92,6 +93,8 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.rope_base must be > 1, got {self.rope_base}")
         if self.norm_eps <= 0:
             raise ValueError(f"TransformerConfig.norm_eps must be > 0, got {self.norm_eps}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
         m = self.pad_vocab_size_multiple
         self.vocab_size_padded = (self.vocab_size + m - 1) // m * m
 
@@ -136,7 +139,8 @@ def match_mamba(mamba_cfg, n_layer: Optional[int] = None, n_head: Optional[int] 
         n_head = D // 64 if D % 64 == 0 else next(h for h in range(max(1, D // 32), 0, -1) if D % h == 0 and (D // h) % 2 == 0)
     base = dict(d_model=D, n_layer=n_layer, n_head=n_head, vocab_size=mamba_cfg.vocab_size, mlp=mlp,
                 tie_embeddings=mamba_cfg.tie_embeddings, pad_vocab_size_multiple=mamba_cfg.pad_vocab_size_multiple,
-                norm_eps=mamba_cfg.norm_eps, residual_in_fp32=mamba_cfg.residual_in_fp32)
+                norm_eps=mamba_cfg.norm_eps, residual_in_fp32=mamba_cfg.residual_in_fp32,
+                dropout=getattr(mamba_cfg, "dropout", 0.0))
     base.update(overrides)
     probe = TransformerConfig(**{**base, "d_ff": multiple})
     per_unit = probe.n_layer * (3 if probe.mlp == "swiglu" else 2) * probe.d_model  # params per unit of F
@@ -313,11 +317,12 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(cfg, device=device, dtype=dtype)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps, device=device, dtype=dtype)
         self.mlp = MLP(cfg, device=device, dtype=dtype)
+        self.drop = nn.Dropout(cfg.dropout)  # an identity in eval mode
 
     def forward(self, h: Tensor, cache: Optional[KVCache] = None, attention=causal_attention) -> Tensor:
         h = h.float() if self.residual_in_fp32 else h
-        h = h + self.attn(self.norm1(h.to(self.norm1.weight.dtype)), cache, attention)
-        return h + self.mlp(self.norm2(h.to(self.norm2.weight.dtype)))
+        h = h + self.drop(self.attn(self.norm1(h.to(self.norm1.weight.dtype)), cache, attention))
+        return h + self.drop(self.mlp(self.norm2(h.to(self.norm2.weight.dtype))))
 
 
 # --------------------------------------------------------------------------- the language model
@@ -332,6 +337,7 @@ class TransformerLM(nn.Module):
         self.embedding = nn.Embedding(cfg.vocab_size_padded, cfg.d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList([TransformerBlock(cfg, device=device, dtype=dtype) for _ in range(cfg.n_layer)])
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, device=device, dtype=dtype)
+        self.drop = nn.Dropout(cfg.dropout)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size_padded, bias=False, device=device, dtype=dtype)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
@@ -368,7 +374,7 @@ class TransformerLM(nn.Module):
         """The final normalised hidden states (B, L, D), before the head (Mamba: ``model.backbone(ids)``)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
-        h = self.embedding(input_ids)  # (B, L, D)
+        h = self.drop(self.embedding(input_ids))  # (B, L, D)
         for i, layer in enumerate(self.layers):
             h = layer(h, None if caches is None else caches[i], attention)
         return self.norm_f(h.to(self.norm_f.weight.dtype))

@@ -140,7 +140,7 @@ def mamba_config(args, V: int) -> MambaConfig:
         size["n_layer"] = args.n_layer
     if args.d_model:
         size["d_model"] = args.d_model
-    return MambaConfig(vocab_size=V, **size)
+    return MambaConfig(vocab_size=V, dropout=args.dropout, **size)
 
 
 def lm_loss(V: int):
@@ -288,6 +288,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="Mamba size (Transformer matched to it)")
     p.add_argument("--n-layer", type=int, default=0, help="override the Mamba n_layer of --size")
     p.add_argument("--d-model", type=int, default=0, help="override the d_model of --size")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout on embeddings and block outputs, both models (small corpora over-fit without it)")
     p.add_argument("--seq-len", type=int, default=256, help="L, tokens per training window")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (windows per micro-batch, all ranks)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
