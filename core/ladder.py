@@ -125,10 +125,4 @@ def describe(name: str, size: str = "default") -> str:
     return f"{rung.model} ({', '.join(f'{k}={v}' for k, v in rung.sizes[size].items())})"
 
 
-def n_params(model: nn.Module) -> int:
-    """Distinct parameters (a tied head counts once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-__all__ = ["RUNGS", "SIZES", "Rung", "build_rung", "describe", "lssl_lm", "mamba_lm", "n_params", "s4d_lm", "ssm_lm",
-           "transformer_lm"]
+__all__ = ["RUNGS", "SIZES", "Rung", "build_rung", "describe", "lssl_lm", "mamba_lm", "s4d_lm", "ssm_lm", "transformer_lm"]

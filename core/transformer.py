@@ -140,7 +140,7 @@ def match_mamba(mamba_cfg, n_layer: Optional[int] = None, n_head: Optional[int] 
     base = dict(d_model=D, n_layer=n_layer, n_head=n_head, vocab_size=mamba_cfg.vocab_size, mlp=mlp,
                 tie_embeddings=mamba_cfg.tie_embeddings, pad_vocab_size_multiple=mamba_cfg.pad_vocab_size_multiple,
                 norm_eps=mamba_cfg.norm_eps, residual_in_fp32=mamba_cfg.residual_in_fp32,
-                dropout=getattr(mamba_cfg, "dropout", 0.0))
+                dropout=mamba_cfg.dropout)
     base.update(overrides)
     probe = TransformerConfig(**{**base, "d_ff": multiple})
     per_unit = probe.n_layer * (3 if probe.mlp == "swiglu" else 2) * probe.d_model  # params per unit of F
@@ -156,20 +156,21 @@ def match_mamba(mamba_cfg, n_layer: Optional[int] = None, n_head: Optional[int] 
     return cfg
 
 
-def build_matched_lm(name: str, mamba_cfg, max_seq_len: int = 2048):
+def build_matched_lm(name: str, mamba_cfg, max_seq_len: int = 2048, device=None, dtype=None):
     """Stage 06's pair at one size: ``(model, n_params, cfg)``.
 
     name "mamba": the Mamba LM of `mamba_cfg`; "transformer": the Transformer
     baseline matched to it by `match_mamba` (parameters within 5%). Both map
-    ids (B, L) to logits over the padded vocabulary (B, L, V_padded).
+    ids (B, L) to logits over the padded vocabulary (B, L, V_padded). `device`
+    and `dtype` allocate the weights there directly (no CPU float32 copy first).
     """
     from ssmlab.core.mamba import MambaLMHeadModel, param_count as mamba_param_count
 
     if name == "mamba":
-        return MambaLMHeadModel(mamba_cfg), mamba_param_count(mamba_cfg), mamba_cfg
+        return MambaLMHeadModel(mamba_cfg, device=device, dtype=dtype), mamba_param_count(mamba_cfg), mamba_cfg
     if name == "transformer":
         cfg = match_mamba(mamba_cfg, max_seq_len=max_seq_len)
-        return TransformerLM(cfg), param_count(cfg), cfg
+        return TransformerLM(cfg, device=device, dtype=dtype), param_count(cfg), cfg
     raise ValueError(f"build_matched_lm: name must be 'mamba' or 'transformer', got {name!r}")
 
 

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ssmlab.core.lssl import DeepLSSL, DeepLSSLConfig, LSTMClassifier, accuracy, train_classifier  # noqa: E402
+from ssmlab.core.seq_models import param_count  # noqa: E402
 from ssmlab.datasets.digits import N_CLASSES, load_digits_sequences  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,14 +60,10 @@ def parse_args(argv=None):
     return args
 
 
-def n_params(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def matched_lstm_hidden(target: int) -> int:
     """Largest hidden size whose one-layer LSTM (d_input 1) plus head has at most `target` parameters."""
     h = 1
-    while n_params(LSTMClassifier(1, h + 1, N_CLASSES)) <= target:
+    while param_count(LSTMClassifier(1, h + 1, N_CLASSES)) <= target:
         h += 1
     return h
 
@@ -77,7 +74,7 @@ def run_model(name, model, split, epochs, args):
                            ssm_lr=args.ssm_lr, time_limit_s=args.time_limit, seed=args.seed,
                            progress=lambda e, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
     bar.close()
-    return {"model": name, "params": n_params(model), "test_acc": accuracy(model, split.x_test, split.y_test),
+    return {"model": name, "params": param_count(model), "test_acc": accuracy(model, split.x_test, split.y_test),
             "train_acc": accuracy(model, split.x_train, split.y_train), "seconds": round(out["seconds"], 1),
             "epochs": out["epochs_done"], "loss_history": out["loss_history"]}
 
@@ -97,7 +94,7 @@ def main(argv=None):
         lssl = DeepLSSL(cfg)
         results.append({"task": task, **run_model(f"LSSL {task}", lssl, split, args.epochs, args)})
         if not args.no_lstm:
-            hidden = args.lstm_hidden or matched_lstm_hidden(n_params(lssl))
+            hidden = args.lstm_hidden or matched_lstm_hidden(param_count(lssl))
             torch.manual_seed(args.seed)
             lstm = LSTMClassifier(1, hidden, N_CLASSES)
             results.append({"task": task, "hidden": hidden,

@@ -47,7 +47,7 @@ from ssmlab.core.checkpoint import atomic_write_text
 from ssmlab.core.mamba import MambaConfig, MambaLMHeadModel, param_count as mamba_params, preset
 from ssmlab.core.timing import Timer
 from ssmlab.core.training import TrainConfig, make_optimizer
-from ssmlab.core.transformer import TransformerLM, match_mamba, param_count as transformer_params
+from ssmlab.core.transformer import build_matched_lm, match_mamba, param_count as transformer_params
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "bench"
@@ -75,14 +75,6 @@ def is_oom(err: BaseException) -> bool:
 
 
 # --------------------------------------------------------------------------- models
-
-
-def build(name: str, mcfg: MambaConfig, device, dtype=None):
-    """(model, parameter count) for 'mamba' or its parameter-matched 'transformer'."""
-    if name == "mamba":
-        return MambaLMHeadModel(mcfg, device=device, dtype=dtype), mamba_params(mcfg)
-    tcfg = match_mamba(mcfg)
-    return TransformerLM(tcfg, device=device, dtype=dtype), transformer_params(tcfg)
 
 
 def hidden_states(model, ids, caches=None):
@@ -121,7 +113,7 @@ def chunked_lm_loss(model, x, y, V: int, chunk_tokens: int = 8192):
 def bench_train(name, mcfg, lengths, tokens_per_step, device, timer, warmup, repeats, log) -> list[dict]:
     rows = []
     torch.manual_seed(0)
-    model, n_params = build(name, mcfg, device)
+    model, n_params, _ = build_matched_lm(name, mcfg, device=device)
     opt = make_optimizer(model, TrainConfig(lr=1e-4, max_steps=10, warmup_steps=0))
     amp = device.type == "cuda"
     V = mcfg.vocab_size
@@ -250,7 +242,7 @@ def bench_gen(name, mcfg, batches, prompt_len, new_tokens, device, timer, warmup
     rows = []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model, n_params = build(name, mcfg, device, dtype)
+    model, n_params, _ = build_matched_lm(name, mcfg, device=device, dtype=dtype)
     model.eval()
     V = mcfg.vocab_size
     for B in batches:
@@ -293,7 +285,7 @@ def bench_memory(name, mcfg, lengths, device, log) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     V = mcfg.vocab_size
     torch.manual_seed(0)
-    model, n_params = build(name, mcfg, device, dtype)
+    model, n_params, _ = build_matched_lm(name, mcfg, device=device, dtype=dtype)
     model.eval()
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     for L in lengths:
@@ -314,7 +306,7 @@ def bench_memory(name, mcfg, lengths, device, log) -> list[dict]:
     del model
     reset_memory(device)
     # training at batch 1: activations grow with L
-    model, _ = build(name, mcfg, device)
+    model, _, _ = build_matched_lm(name, mcfg, device=device)
     for row in rows:
         L = row["L"]
         x = torch.randint(0, V, (1, L), device=device)

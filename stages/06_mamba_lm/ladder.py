@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from ssmlab.core.charlm import CharLMConfig, train_char_lm, write_json
-from ssmlab.core.ladder import RUNGS, SIZES, build_rung, describe, n_params
+from ssmlab.core.ladder import RUNGS, SIZES, build_rung, describe
+from ssmlab.core.seq_models import param_count
 from ssmlab.core.training import StepTimer, TrainConfig
 from ssmlab.datasets.text import CORPORA, load_corpus
 
@@ -126,14 +127,14 @@ def run_rung(name: str, corpus, lm: CharLMConfig, args, command: str, machine: s
     model = build_rung(name, corpus.V, args.size)
     cfg = TrainConfig(lr=lr, max_steps=args.steps, warmup_steps=args.warmup, eval_every=args.eval_every,
                       log_every=10, seed=args.seed, progress=not args.no_progress)
-    print(f"\n[{name}] stage {rung.stage}: {describe(name, args.size)}, {n_params(model):,} parameters, lr {lr:g}",
+    print(f"\n[{name}] stage {rung.stage}: {describe(name, args.size)}, {param_count(model):,} parameters, lr {lr:g}",
           flush=True)
     timer, load0, t0 = StepTimer(cfg), os.getloadavg()[0], time.perf_counter()
     out = train_char_lm(model, corpus, cfg, lm, on_step=timer)
     seconds = time.perf_counter() - t0
     tokens_per_step = args.batch * args.seq_len
     record = {
-        "stage": rung.stage, "model": describe(name, args.size), "params": n_params(model), "size": args.size,
+        "stage": rung.stage, "model": describe(name, args.size), "params": param_count(model), "size": args.size,
         "steps": out["steps"], "batch": args.batch, "seq_len": args.seq_len, "warmup": args.warmup,
         "lr": lr, "lr_source": rung.lr_source if name not in args.lr else "--lr on the command line",
         "val_bpc": out["val_bpc"], "train_seconds": round(seconds, 1),  # wall time, evaluations included

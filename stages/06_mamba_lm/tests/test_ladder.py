@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssmlab.core.ladder import RUNGS, build_rung, n_params
+from ssmlab.core.ladder import RUNGS, build_rung
+from ssmlab.core.seq_models import param_count
 from ssmlab.core.testing import load_script
 
 STAGE = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def test_same_batches_for_every_rung(tmp_path):
 
 
 def test_default_sizes_within_25_percent():
-    counts = {name: n_params(build_rung(name, V=83)) for name in RUNGS}
+    counts = {name: param_count(build_rung(name, V=83)) for name in RUNGS}
     mid = (max(counts.values()) + min(counts.values())) / 2
     assert all(abs(c - mid) <= 0.25 * mid for c in counts.values()), counts
     assert max(counts.values()) <= 1.25 * min(counts.values()), counts

@@ -14,6 +14,7 @@ import torch
 
 from ssmlab.datasets.bpe import SEP_ID, load_bpe_corpus, split_documents
 from ssmlab.core.testing import load_script
+from ssmlab.core.transformer import build_matched_lm
 
 STAGE = Path(__file__).resolve().parents[1]
 ROOT = STAGE.parents[1]
@@ -168,7 +169,7 @@ def test_chunked_loss_equals_plain_loss():
     torch.manual_seed(0)
     mcfg = MambaConfig(n_layer=2, d_model=16, vocab_size=30)
     for name in ("mamba", "transformer"):
-        model, _ = bench.build(name, mcfg, "cpu")
+        model, _, _ = build_matched_lm(name, mcfg, device="cpu")
         model.double()
         x, y = torch.randint(0, 30, (2, 9)), torch.randint(0, 30, (2, 9))
         plain = torch.nn.functional.cross_entropy(model(x)[..., :30].flatten(0, 1), y.flatten())
@@ -185,7 +186,7 @@ def test_static_mamba_step_decodes_like_the_eager_loop():
     from ssmlab.core.mamba import MambaConfig
 
     torch.manual_seed(1)
-    model, _ = bench.build("mamba", MambaConfig(n_layer=2, d_model=16, vocab_size=30), "cpu")
+    model, _, _ = build_matched_lm("mamba", MambaConfig(n_layer=2, d_model=16, vocab_size=30), device="cpu")
     model.eval()
     prompt = torch.randint(0, 30, (3, 7))
     eager, _ = bench.greedy_generate(model, prompt, 6, 30, 13)
