@@ -32,6 +32,7 @@
 // index order.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -124,13 +125,13 @@ template <int NT, int S>
 struct Shape {
   static constexpr int kNT = NT, kS = S, kNP = NT * S, kRows = kThreads / S;
   static constexpr int kTileFloats = kRows * kPad;
-  // Backward B/C contribution buffers: one (row, state) slab a step, slabs 4
-  // floats apart in bank terms, so the reduction's reads (8 steps x 4 states
-  // a warp) hit 32 distinct banks and the 16-byte stores stay aligned.
-  static constexpr int kRedPitch = kRows * kNP + 4;
+  // Backward B/C contribution buffers: one (row pair, state) slab a step,
+  // slabs 4 floats apart in bank terms, so the reduction's reads (8 steps x 4
+  // states a warp) hit 32 distinct banks and the vector stores stay aligned.
+  static constexpr int kRedPitch = kRows / 2 * kNP + 4;
   static size_t fwd_smem() { return sizeof(float) * (4 * kTileFloats + 2 * kChunk * kNP + 2 * kRows); }
   static size_t bwd_smem() {
-    return sizeof(float) * (8 * kTileFloats + 2 * kChunk * kNP + 2 * kSub * kRedPitch);
+    return sizeof(float) * (4 * kTileFloats + 2 * kChunk * kNP + 2 * kSub * kRedPitch + kChunk / kSub * kRows * kNP);
   }
 };
 
@@ -374,49 +375,88 @@ __global__ void __launch_bounds__(kThreads, 3) fwd_kernel(P p) {  // 3 blocks an
 // Backward
 // ---------------------------------------------------------------------------
 
-template <typename T, int NT, int S>
-__global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
+// Pairs of neighbouring channels (lanes tid and tid ^ 4: rows r and r ^ 1, same
+// lane s) add their NT per-state B/C contributions with a transposed exchange:
+// NT/2 shuffles leave the even row holding the pair's sums of its lane's first
+// NT/2 states and the odd row the last NT/2. This halves the shared buffers the
+// block reduction reads (and the reads). a + b == b + a exactly, so the order
+// stays fixed and the result deterministic.
+template <int NT>
+__device__ __forceinline__ void pair_sum(const float (&v)[NT], bool odd, float (&out)[NT / 2]) {
+#pragma unroll
+  for (int i = 0; i < NT / 2; ++i) {
+    const float send = odd ? v[i] : v[i + NT / 2], keep = odd ? v[i + NT / 2] : v[i];
+    out[i] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ void st_half(float* dst, const float (&v)[NT / 2]) {
+  if constexpr (NT / 2 == 2) {
+    *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < NT / 2; i += 4) *reinterpret_cast<float4*>(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+  }
+}
+
+// The lane's NT values of B_t (input-dependent: from the staged chunk; else the
+// time-invariant registers).
+template <int NT, int NP>
+__device__ __forceinline__ void bc_at(float (&v)[NT], const float* sX, bool variable, const float (&fixed)[NT], int t,
+                                      int s) {
+  if (variable) ld_vec<NT>(v, sX + t * NP + s * NT);
+  else {
+#pragma unroll
+    for (int i = 0; i < NT; ++i) v[i] = fixed[i];
+  }
+}
+
+template <typename T, int NT, int S, int MB>
+__global__ void __launch_bounds__(kThreads, MB) bwd_kernel(P p, BwdWorkspace ws) {
+  static_assert(S == 4, "the lane reductions assume 4 lanes a channel");
+  static_assert(NT % 4 == 0, "16-byte shared-memory accesses");
   using Sh = Shape<NT, S>;
   using TI = TileIdx<Sh::kRows>;
-  constexpr int R = Sh::kRows, NP = Sh::kNP, KP = TI::kPer, KBC = NP * kChunk / kThreads;
+  constexpr int R = Sh::kRows, NP = Sh::kNP, KP = TI::kPer, KBC = NP * kChunk / kThreads, NS = kChunk / kSub;
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   auto tile = [&](int k) { return reinterpret_cast<float(*)[kPad]>(smem + k * Sh::kTileFloats); };
-  float(*sDt)[kPad] = tile(0);   // Δ
-  float(*sDu)[kPad] = tile(1);   // Δ u
-  float(*sU)[kPad] = tile(2);    // u
-  float(*sGy)[kPad] = tile(3);   // dL/dy before the gate: grad_out * silu(z)
-  float(*sSig)[kPad] = tile(4);  // softplus'(delta + bias)
-  float(*sYp)[kPad] = tile(5);   // y before the gate (for grad z)
-  float(*sGu)[kPad] = tile(6);   // staged grad_u
-  float(*sGx)[kPad] = tile(7);   // staged grad_delta
-  float* sB = smem + 8 * Sh::kTileFloats;
+  // Four tiles; three are overwritten in place by the gradients they give way
+  // to (after the sub-chunk that reads them), each element by the lane that
+  // reads it last, behind a __syncwarp.
+  float(*sDt)[kPad] = tile(0);  // Δ, then grad delta
+  float(*sU)[kPad] = tile(1);   // u, then grad u
+  float(*sGy)[kPad] = tile(2);  // dL/dy before the gate: grad_out * silu(z)
+  float(*sZ)[kPad] = tile(3);   // d(gate)/dz * grad_out, then grad z
+  float* sB = smem + 4 * Sh::kTileFloats;
   float* sC = sB + kChunk * NP;
   constexpr int RP = Sh::kRedPitch;
-  float* sRB = sC + kChunk * NP;  // [kSub] slabs of [R][NP]: per-row grad B_t contributions
+  float* sRB = sC + kChunk * NP;  // [kSub] slabs of [R/2][NP]: row-pair grad B_t contributions
   float* sRC = sRB + kSub * RP;   // the same for grad C_t
+  float* sHs = sRC + kSub * RP;   // [NS][R][NP]: the state at the start of every sub-chunk
 
   const Place q = place<R>(p);
   const int N = int(p.dstate), tid = threadIdx.x, r = tid / S, s = tid % S;
   const int64_t L = p.length, nch = (L + kChunk - 1) / kChunk;
-  const bool row_ok = r < q.rows;
+  const bool row_ok = r < q.rows, odd = r & 1, zgrad = p.z && p.grad_z;
   const int64_t d = q.d0 + (row_ok ? r : 0), row = q.b * p.dim + d;
   const float Dd = row_ok && p.D ? p.D[d] : 0.0f;
   const int64_t gst[2] = {p.dim * p.length, p.length};  // grad_out and the gradients are contiguous
+  float* hs_lane = sHs + r * NP + s * NT;
 
-  float A[NT], A2[NT], Bc[NT], Cc[NT], carry[NT], gA[NT], gBc[NT], gCc[NT];
+  float A2[NT], Bc[NT], Cc[NT], carry[NT], gA[NT], gBc[NT], gCc[NT];
 #pragma unroll
   for (int i = 0; i < NT; ++i) {
     const int n = s * NT + i;
     const bool ok = row_ok && n < N;
-    A[i] = ok ? p.A[d * N + n] : 0.0f;
-    A2[i] = A[i] * kLog2e;
+    A2[i] = ok ? p.A[d * N + n] * kLog2e : 0.0f;
     Bc[i] = ok && !p.is_variable_B ? static_cast<const float*>(p.B)[d * N + n] : 0.0f;
     Cc[i] = ok && !p.is_variable_C ? static_cast<const float*>(p.C)[d * N + n] : 0.0f;
     carry[i] = ok && p.grad_last_state ? p.grad_last_state[row * N + n] : 0.0f;
     gA[i] = gBc[i] = gCc[i] = 0.0f;
   }
-  float gD = 0.0f, gbias = 0.0f;
+  float gD = 0.0f, gbias = 0.0f;  // this lane's steps; summed over the 4 lanes at the end
   const T* Bv = p.is_variable_B ? bc_base<T>(p.B, p.B_stride, q) : nullptr;
   const T* Cv = p.is_variable_C ? bc_base<T>(p.C, p.C_stride, q) : nullptr;
   const int64_t part = (q.b * p.groups + q.g) * ws.blocks_per_group + q.blk;  // this block's B/C partial
@@ -424,13 +464,13 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
   for (int64_t c = nch - 1; c >= 0; --c) {
     const int64_t t0 = c * kChunk;
     const int len = int(L - t0 < kChunk ? L - t0 : kChunk);
-    // (1) stage the chunk: every global load of the tile issued before any use.
+    // (1) stage the chunk in two halves (u, Δ, B, C; then grad_out, z), each
+    // with all of its global loads issued before any use; two halves keep the
+    // staging registers inside the budget of 3 blocks an SM.
     {
-      float pu[KP], pd[KP], pg[KP], pz[KP], pb[KBC], pc[KBC];
+      float pu[KP], pd[KP], pb[KBC], pc[KBC];
       load_tile<T, R>(pu, p.u, p.u_stride, q, t0, len);
       load_tile<T, R>(pd, p.delta, p.delta_stride, q, t0, len);
-      load_tile<T, R>(pg, p.grad_out, gst, q, t0, len);
-      if (p.z) load_tile<T, R>(pz, p.z, p.z_stride, q, t0, len);
       if (Bv) load_bc<T, NP>(pb, Bv, p.B_stride[2], N, t0, len);
       if (Cv) load_bc<T, NP>(pc, Cv, p.C_stride[2], N, t0, len);
 #pragma unroll
@@ -438,21 +478,33 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
         const int rr = TI::row(j), t = TI::step(j);
         const bool ok = rr < q.rows && t < len;
         const float x = pd[j] + (ok && p.delta_bias ? p.delta_bias[q.d0 + rr] : 0.0f);
-        const float dt = !ok ? 0.0f : p.delta_softplus ? softplus(x) : x;
-        sDt[rr][t] = dt;
-        sDu[rr][t] = dt * pu[j];
+        sDt[rr][t] = !ok ? 0.0f : p.delta_softplus ? softplus(x) : x;  // past the end: Δ = 0, the identity
         sU[rr][t] = pu[j];
-        sGy[rr][t] = p.z ? pg[j] * pz[j] * sigmoid(pz[j]) : pg[j];
-        sSig[rr][t] = p.delta_softplus ? sigmoid(x) : 1.0f;
       }
       if (Bv) store_bc<T, NP>(sB, pb);
       if (Cv) store_bc<T, NP>(sC, pc);
     }
+    {
+      float pg[KP], pz[KP];
+      load_tile<T, R>(pg, p.grad_out, gst, q, t0, len);
+      if (p.z) load_tile<T, R>(pz, p.z, p.z_stride, q, t0, len);
+#pragma unroll
+      for (int j = 0; j < KP; ++j) {
+        const int rr = TI::row(j), t = TI::step(j);
+        if (p.z) {
+          const float sg = sigmoid(pz[j]);
+          sGy[rr][t] = pg[j] * pz[j] * sg;
+          sZ[rr][t] = pg[j] * sg * (1.0f + pz[j] * (1.0f - sg));  // times y + D u below: grad z
+        } else {
+          sGy[rr][t] = pg[j];
+        }
+      }
+    }
     __syncthreads();
 
     // (2a) forward through the chunk from its stored start state: the state at
-    // the start of every sub-chunk, and y before the gate (for grad z).
-    float hs[kChunk / kSub][NT];
+    // the start of every sub-chunk (to shared memory), and grad z = (y + D u) sZ.
+    // Steps past the end have Δ = 0, so every sub-chunk runs its 8 steps.
     {
       float h[NT];
 #pragma unroll
@@ -463,133 +515,125 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
                    : c > 0 ? p.chunk_states[(row * nch + c - 1) * N + n]
                    : p.h0 ? p.h0[row * N + n] : 0.0f;
       }
+#pragma unroll 1
+      for (int k = 0; k < NS && k * kSub < len; ++k) {
 #pragma unroll
-      for (int k = 0; k < kChunk / kSub; ++k) {
+        for (int i = 0; i < NT; i += 4)
+          *reinterpret_cast<float4*>(hs_lane + k * R * NP + i) = make_float4(h[i], h[i + 1], h[i + 2], h[i + 3]);
+        float dt[kSub], du[kSub], y[kSub];
 #pragma unroll
-        for (int i = 0; i < NT; ++i) hs[k][i] = h[i];
-        if (k * kSub < len) {
-#pragma unroll 2
-          for (int tt = 0; tt < kSub; ++tt) {
-            const int t = k * kSub + tt;
-            const float dt = sDt[r][t], du = sDu[r][t];
-            float b[NT], cc[NT];
-            if (Bv) ld_vec<NT>(b, sB + t * NP + s * NT);
-            else {
+        for (int tt = 0; tt < kSub; ++tt) dt[tt] = sDt[r][k * kSub + tt], du[tt] = dt[tt] * sU[r][k * kSub + tt];
 #pragma unroll
-              for (int i = 0; i < NT; ++i) b[i] = Bc[i];
-            }
-            float y = 0.0f;
+        for (int tt = 0; tt < kSub; ++tt) {
+          const int t = k * kSub + tt;
+          float b[NT];
+          bc_at<NT, NP>(b, sB, Bv, Bc, t, s);
 #pragma unroll
-            for (int i = 0; i < NT; ++i) h[i] = fmaf(ex2(dt * A2[i]), h[i], du * b[i]);
-            if (p.z) {
-              if (Cv) ld_vec<NT>(cc, sC + t * NP + s * NT);
-              else {
+          for (int i = 0; i < NT; ++i) h[i] = fmaf(ex2(dt[tt] * A2[i]), h[i], du[tt] * b[i]);
+          y[tt] = 0.0f;
+          if (zgrad) {
+            float cc[NT];
+            bc_at<NT, NP>(cc, sC, Cv, Cc, t, s);
 #pragma unroll
-                for (int i = 0; i < NT; ++i) cc[i] = Cc[i];
-              }
-#pragma unroll
-              for (int i = 0; i < NT; ++i) y = fmaf(cc[i], h[i], y);
-              y = group_sum<S>(y);
-              if (s == 0) sYp[r][t] = y + Dd * sU[r][t];
-            }
+            for (int i = 0; i < NT; ++i) y[tt] = fmaf(cc[i], h[i], y[tt]);
           }
+        }
+        if (zgrad) {
+          float y0, y1;
+          group_sum8(y, s, y0, y1);
+          const int t = k * kSub + 2 * s;
+          sZ[r][t] *= fmaf(Dd, sU[r][t], y0);
+          sZ[r][t + 1] *= fmaf(Dd, sU[r][t + 1], y1);
         }
       }
     }
 
     // (2b) backwards through the sub-chunks: recompute their states, then the adjoint.
 #pragma unroll 1
-    for (int k = kChunk / kSub - 1; k >= 0; --k) {
+    for (int k = NS - 1; k >= 0; --k) {
       if (k * kSub >= len) continue;  // uniform across the block
-      float H[kSub][NT];
-      float hsk[NT];
-      // hs is indexed by a run-time k: pick the row with a compile-time loop.
+      float H[kSub][NT], dt[kSub], du[kSub];
 #pragma unroll
-      for (int i = 0; i < NT; ++i) hsk[i] = hs[0][i];
-#pragma unroll
-      for (int kk = 1; kk < kChunk / kSub; ++kk)
-        if (kk == k) {
-#pragma unroll
-          for (int i = 0; i < NT; ++i) hsk[i] = hs[kk][i];
-        }
+      for (int tt = 0; tt < kSub; ++tt) dt[tt] = sDt[r][k * kSub + tt], du[tt] = dt[tt] * sU[r][k * kSub + tt];
       {
         float h[NT];
-#pragma unroll
-        for (int i = 0; i < NT; ++i) h[i] = hsk[i];
+        ld_vec<NT>(h, hs_lane + k * R * NP);
 #pragma unroll
         for (int tt = 0; tt < kSub; ++tt) {
-          const int t = k * kSub + tt;
-          const float dt = sDt[r][t], du = sDu[r][t];
           float b[NT];
-          if (Bv) ld_vec<NT>(b, sB + t * NP + s * NT);
-          else {
-#pragma unroll
-            for (int i = 0; i < NT; ++i) b[i] = Bc[i];
-          }
+          bc_at<NT, NP>(b, sB, Bv, Bc, k * kSub + tt, s);
 #pragma unroll
           for (int i = 0; i < NT; ++i) {
-            h[i] = fmaf(ex2(dt * A2[i]), h[i], du * b[i]);
+            h[i] = fmaf(ex2(dt[tt] * A2[i]), h[i], du[tt] * b[i]);
             H[tt][i] = h[i];
           }
         }
       }
+      // The adjoint, step by step backwards. e·h_{t-1} = h_t - Δu B_t, so the
+      // earlier state is not needed; the per-step channel sums (grad Δ through
+      // A, and the B·g that grad u and grad Δ share) wait for the end of the
+      // sub-chunk, where one transposed reduction gives each lane two steps.
+      float gdt[kSub], gbs[kSub];
 #pragma unroll
       for (int tt = kSub - 1; tt >= 0; --tt) {
         const int t = k * kSub + tt;
-        const float dt = sDt[r][t], du = sDu[r][t], gy = sGy[r][t];
+        const float gy = sGy[r][t], dtv = sDt[r][t], duv = dtv * sU[r][t];
         float b[NT], cc[NT];
-        if (Bv) ld_vec<NT>(b, sB + t * NP + s * NT);
-        else {
-#pragma unroll
-          for (int i = 0; i < NT; ++i) b[i] = Bc[i];
-        }
-        if (Cv) ld_vec<NT>(cc, sC + t * NP + s * NT);
-        else {
-#pragma unroll
-          for (int i = 0; i < NT; ++i) cc[i] = Cc[i];
-        }
-        float gdt = 0.0f, gbs = 0.0f, gB[NT], gC[NT];
+        bc_at<NT, NP>(b, sB, Bv, Bc, t, s);
+        bc_at<NT, NP>(cc, sC, Cv, Cc, t, s);
+        float gB[NT], gC[NT];
+        gdt[tt] = 0.0f, gbs[tt] = 0.0f;
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
-          const float e = ex2(dt * A2[i]);
-          const float hprev = tt > 0 ? H[tt > 0 ? tt - 1 : 0][i] : hsk[i];
-          const float g = fmaf(gy, cc[i], carry[i]);  // dL/dh_t
-          const float gdA = g * hprev * e;             // dL/d(Δ A_n)
-          gA[i] = fmaf(gdA, dt, gA[i]);
-          gdt = fmaf(gdA, A[i], gdt);
-          gbs = fmaf(g, b[i], gbs);
-          gB[i] = g * du;
+          const float e = ex2(dtv * A2[i]);
+          const float g = fmaf(gy, cc[i], carry[i]);            // dL/dh_t
+          const float gdA = g * fmaf(-duv, b[i], H[tt][i]);  // dL/d(Δ A_n) = g e h_{t-1}
+          gA[i] = fmaf(gdA, dtv, gA[i]);
+          gdt[tt] = fmaf(gdA, A2[i], gdt[tt]);
+          gbs[tt] = fmaf(g, b[i], gbs[tt]);
+          gB[i] = g * duv;
           gC[i] = gy * H[tt][i];
           carry[i] = e * g;
         }
         if (Bv) {
-#pragma unroll
-          for (int i = 0; i < NT; i += 4)
-            *reinterpret_cast<float4*>(sRB + tt * RP + r * NP + s * NT + i) = make_float4(gB[i], gB[i + 1], gB[i + 2], gB[i + 3]);
+          float v[NT / 2];
+          pair_sum<NT>(gB, odd, v);
+          st_half<NT>(sRB + tt * RP + (r >> 1) * NP + s * NT + (odd ? NT / 2 : 0), v);
         } else {
 #pragma unroll
           for (int i = 0; i < NT; ++i) gBc[i] += gB[i];
         }
         if (Cv) {
-#pragma unroll
-          for (int i = 0; i < NT; i += 4)
-            *reinterpret_cast<float4*>(sRC + tt * RP + r * NP + s * NT + i) = make_float4(gC[i], gC[i + 1], gC[i + 2], gC[i + 3]);
+          float v[NT / 2];
+          pair_sum<NT>(gC, odd, v);
+          st_half<NT>(sRC + tt * RP + (r >> 1) * NP + s * NT + (odd ? NT / 2 : 0), v);
         } else {
 #pragma unroll
           for (int i = 0; i < NT; ++i) gCc[i] += gC[i];
         }
-        gdt = group_sum<S>(gdt);
-        gbs = group_sum<S>(gbs);
-        if (s == 0 && t < len) {
-          const float u = sU[r][t];
-          const float gx = (gdt + gbs * u) * sSig[r][t];
-          sGu[r][t] = fmaf(gy, Dd, gbs * dt);
-          sGx[r][t] = gx;
-          gD = fmaf(gy, u, gD);
-          gbias += gx;
+      }
+      {
+        float x0, x1, b0, b1;
+        group_sum8(gdt, s, x0, x1);
+        group_sum8(gbs, s, b0, b1);
+        __syncwarp();  // the channel's other lanes have read this sub-chunk's Δ and u
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int t = k * kSub + 2 * s + j;
+          if (t < len) {
+            const float gdtA = (j ? x1 : x0) * kLn2, gb = j ? b1 : b0;  // A2 carries log2 e
+            const float u = sU[r][t], dtt = sDt[r][t], gy = sGy[r][t];
+            // softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)) = -expm1(-Δ)
+            const float sig = p.delta_softplus ? -expm1f(-dtt) : 1.0f;
+            const float gx = fmaf(gb, u, gdtA) * sig;
+            sU[r][t] = fmaf(gy, Dd, gb * dtt);  // grad u
+            sDt[r][t] = gx;                     // grad delta
+            gD = fmaf(gy, u, gD);
+            gbias += gx;
+          }
         }
       }
-      // Sum the sub-chunk's B_t / C_t contributions over the block's rows, in row order.
+      // Sum the sub-chunk's B_t / C_t contributions over the block's row pairs, in order.
       if (Bv || Cv) {
         __syncthreads();
         const int nout = kSub * N;
@@ -600,7 +644,8 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
           if (t >= len) continue;
           const float* src = (isC ? sRC : sRB) + tt * RP + n;
           float acc = 0.0f;
-          for (int rr = 0; rr < R; ++rr) acc += src[rr * NP];
+#pragma unroll 4
+          for (int rr = 0; rr < R / 2; ++rr) acc += src[rr * NP];
           float* dst = isC ? ws.gCv : ws.gBv;
           dst[(part * N + n) * L + t0 + t] = acc;
         }
@@ -611,29 +656,23 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(P p, BwdWorkspace ws) {
 
     // (3) store grad u, grad delta (and grad z) of the chunk.
     {
-      float pg[KP], pz[KP];
-      if (p.z && p.grad_z) {
-        load_tile<T, R>(pg, p.grad_out, gst, q, t0, len);
-        load_tile<T, R>(pz, p.z, p.z_stride, q, t0, len);
-      }
       const int64_t o0 = (q.b * p.dim + q.d0) * L + t0;
 #pragma unroll
       for (int j = 0; j < KP; ++j) {
         const int rr = TI::row(j), t = TI::step(j);
         if (rr < q.rows && t < len) {
           const int64_t o = o0 + rr * L + t;
-          Dev<T>::st(static_cast<T*>(p.grad_u) + o, sGu[rr][t]);
-          Dev<T>::st(static_cast<T*>(p.grad_delta) + o, sGx[rr][t]);
-          if (p.z && p.grad_z) {
-            const float sg = sigmoid(pz[j]);
-            Dev<T>::st(static_cast<T*>(p.grad_z) + o, pg[j] * sYp[rr][t] * sg * (1.0f + pz[j] * (1.0f - sg)));
-          }
+          Dev<T>::st(static_cast<T*>(p.grad_u) + o, sU[rr][t]);
+          Dev<T>::st(static_cast<T*>(p.grad_delta) + o, sDt[rr][t]);
+          if (zgrad) Dev<T>::st(static_cast<T*>(p.grad_z) + o, sZ[rr][t]);
         }
       }
     }
     __syncthreads();
   }
 
+  gD = group_sum<S>(gD);
+  gbias = group_sum<S>(gbias);
   if (row_ok) {
 #pragma unroll
     for (int i = 0; i < NT; ++i) {
@@ -687,14 +726,24 @@ void run_fwd(const P& p) {
   cuda_check(cudaGetLastError(), "selective_scan forward kernel");
 }
 
-template <typename T, int NT, int S>
+template <typename T, int NT, int S, int MB>
 void run_bwd(const P& p, const BwdWorkspace& ws) {
   using Sh = Shape<NT, S>;
   static bool done[64] = {};
-  auto k = bwd_kernel<T, NT, S>;
+  auto k = bwd_kernel<T, NT, S, MB>;
   set_smem(k, Sh::bwd_smem(), done);
   k<<<grid_size(p, Sh::kRows), kThreads, Sh::bwd_smem(), reinterpret_cast<cudaStream_t>(p.stream)>>>(p, ws);
   cuda_check(cudaGetLastError(), "selective_scan backward kernel");
+}
+
+// A/B switch for the register budget of the N <= 16 backward (3 blocks an SM,
+// 168 registers, a few spills; or 2 blocks an SM, no spills).
+inline int bwd_blocks_override() {
+  static const int v = [] {
+    const char* e = std::getenv("SSMLAB_SS_BWD_BLOCKS");
+    return e && e[0] == '2' ? 2 : 3;
+  }();
+  return v;
 }
 
 // (NT, S) by state size: S = 4 lanes a channel, NT states a lane.
@@ -709,9 +758,11 @@ void launch_fwd(const P& p) {
 template <typename T>
 void launch_bwd(const P& p, const BwdWorkspace& ws) {
   check_state_size(p.dstate);
-  if (p.dstate <= 16) run_bwd<T, 4, 4>(p, ws);
-  else if (p.dstate <= 32) run_bwd<T, 8, 4>(p, ws);
-  else run_bwd<T, 16, 4>(p, ws);
+  if (p.dstate <= 16) {
+    if (bwd_blocks_override() == 2) run_bwd<T, 4, 4, 2>(p, ws);
+    else run_bwd<T, 4, 4, 3>(p, ws);
+  } else if (p.dstate <= 32) run_bwd<T, 8, 4, 2>(p, ws);
+  else run_bwd<T, 16, 4, 1>(p, ws);
 }
 
 }  // namespace ss
