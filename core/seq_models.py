@@ -145,7 +145,12 @@ class SelfAttention(nn.Module):
         """x (B, L, D), mask (B, L) True at valid positions -> (B, L, D)."""
         Bsz, L, D = x.shape
         q, k, v = self.qkv(x).view(Bsz, L, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, D/h)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        # An additive bias in q's dtype rather than the boolean mask: with it the
+        # memory-efficient (and cuDNN) kernels take padded batches on the GPU;
+        # a boolean (B, 1, 1, L) mask there fell back to the math kernel, which
+        # materialises (B, h, L, L) scores (out of memory at bytes, L = 4096).
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :])
         return self.proj(att.transpose(1, 2).reshape(Bsz, L, D))
 
 
