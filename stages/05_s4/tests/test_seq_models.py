@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from ssmlab.core.seq_models import (CONFIGS, MambaClsConfig, S4Config, S4DConfig, TransformerConfig, build_model,
-                                    fit_d_model, make_config, param_count)
+from ssmlab.core.seq_models import (CONFIGS, MambaClsConfig, S4Config, S4DConfig, SelfAttention, TransformerConfig,
+                                    build_model, fit_d_model, make_config, param_count)
 
 SMALL = dict(vocab_size=40, d_model=16, n_layers=2, dropout=0.0, max_len=32)
 
@@ -49,6 +49,22 @@ def test_a_few_steps_fit_a_toy_task(mixer):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("d_model,heads", [(88, 4), (64, 4), (12, 3)])
+def test_attention_over_valid_keys_matches_the_written_out_softmax(d_model, heads):
+    """Head sizes 22 and 4 are padded to a multiple of 8 for the fused kernels; 16 is not: all equal the formula."""
+    torch.manual_seed(1)
+    cfg = TransformerConfig(vocab_size=40, d_model=d_model, n_layers=1, dropout=0.0, max_len=32, n_heads=heads)
+    att = SelfAttention(cfg).double()
+    x = torch.randn(3, 9, d_model, dtype=torch.float64)
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 4, 1])[:, None]
+    P = d_model // heads
+    q, k, v = att.qkv(x).view(3, 9, 3, heads, P).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2)) / P**0.5
+    w = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+    ref = att.proj((w @ v).transpose(1, 2).reshape(3, 9, d_model))
+    torch.testing.assert_close(att(x, mask), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_fit_d_model_hits_the_budget():
