@@ -144,13 +144,19 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x (B, L, D), mask (B, L) True at valid positions -> (B, L, D)."""
         Bsz, L, D = x.shape
-        q, k, v = self.qkv(x).view(Bsz, L, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, D/h)
-        # An additive bias in q's dtype rather than the boolean mask: with it the
-        # memory-efficient (and cuDNN) kernels take padded batches on the GPU;
-        # a boolean (B, 1, 1, L) mask there fell back to the math kernel, which
-        # materialises (B, h, L, L) scores (out of memory at bytes, L = 4096).
+        P = D // self.h
+        q, k, v = self.qkv(x).view(Bsz, L, 3, self.h, P).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, P)
+        # The fused SDPA kernels (flash, memory-efficient) need a head size that
+        # is a multiple of 8; budget-fitted widths often give others (d_model 88
+        # = 4 heads of 22), and then attention falls back to the math kernel,
+        # whose (B, h, L, L) scores run out of memory at bytes, L = 4096. Zero
+        # columns change no score (the scale stays 1/sqrt(P)) and only add zero
+        # output columns, dropped after.
+        pad = -P % 8
+        if pad:
+            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :])
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :], scale=P**-0.5)[..., :P]
         return self.proj(att.transpose(1, 2).reshape(Bsz, L, D))
 
 
