@@ -196,7 +196,7 @@ def run_model(name: str, args, corpus, env) -> dict:
     eval_fn = make_eval_fn(corpus.val_ids, corpus.V, args.seq_len, args.eval_batch_size or args.batch_size,
                            args.eval_windows, env, level, cpt)
     data = window_batches(corpus.train_ids, args.seq_len, args.batch_size, seed=args.seed)
-    tcfg = TrainConfig(lr=args.lr, warmup_steps=min(args.warmup, args.steps), max_steps=args.steps,
+    tcfg = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=min(args.warmup, args.steps), max_steps=args.steps,
                        grad_accum=args.grad_accum, precision=args.precision, seed=args.seed,
                        log_every=args.log_every, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                        out_dir=str(out), progress=not args.no_progress, min_lr_ratio=args.min_lr_ratio,
@@ -218,7 +218,7 @@ def run_model(name: str, args, corpus, env) -> dict:
             "model": name, "params": n_params, "config": cfg.to_dict(), "corpus": corpus.describe(),
             "level": level, "steps": result.step, "tokens_per_step": tokens_per_step,
             "train_tokens": tokens_per_step * result.step, "seq_len": args.seq_len, "batch_size": args.batch_size,
-            "grad_accum": args.grad_accum, "lr": args.lr, "world_size": env.world_size, "device": env.device,
+            "grad_accum": args.grad_accum, "lr": args.lr, "weight_decay": args.weight_decay, "world_size": env.world_size, "device": env.device,
             "device_name": torch.cuda.get_device_name() if env.device.startswith("cuda") else "cpu",
             "precision": args.precision, "val_loss": last["val_loss"], "val_ppl": last["val_ppl"],
             "val_bpc": last["val_bpc"], "finished": result.finished,
@@ -296,6 +296,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (equal for both models)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW decoupled weight decay on the decay group (not on biases, norms, embeddings, A_log, D)")
     p.add_argument("--warmup", type=int, default=100, help="warmup steps")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on GPU")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -198,3 +198,18 @@ def test_static_mamba_step_decodes_like_the_eager_loop():
     for _ in range(6):  # and greedy decoding equals the argmax of the full forward pass
         seq = torch.cat([seq, model(seq)[:, -1, :30].argmax(-1, keepdim=True)], 1)
     assert torch.equal(eager, seq[:, 7:])
+
+
+def test_weight_decay_flag_reaches_the_optimizer(text_file, tmp_path):
+    train_lm = _script("train_lm")
+    runs = {}
+    for wd in (0.0, 0.5):
+        res = train_lm.main(["--text", str(text_file), "--out", str(tmp_path / f"wd{wd}"), "--model", "mamba",
+                             "--weight-decay", str(wd), *SHORT])
+        runs[wd] = res["mamba"]
+        assert runs[wd]["weight_decay"] == wd
+    # same data, seed and schedule: only the decay differs, and it changes the trained model
+    assert runs[0.0]["val_loss"] != runs[0.5]["val_loss"]
+    with pytest.raises(ValueError, match="weight_decay"):
+        train_lm.main(["--text", str(text_file), "--out", str(tmp_path / "bad"), "--model", "mamba",
+                       "--weight-decay", "-1", *SHORT])
