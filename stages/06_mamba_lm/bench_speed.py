@@ -5,7 +5,10 @@ Three measurements (CUDA events and medians on GPU; wall clock on CPU):
 1. ``train``: training throughput (tokens/s) and peak memory of one optimizer
    step (forward, backward, AdamW; bf16 autocast on GPU) at L in
    {1024, 4096, 16384, 65536}, the batch set to keep B * L (tokens per step)
-   constant. Out-of-memory is caught and reported, not fatal.
+   constant. Out-of-memory is caught and reported, not fatal. With
+   ``--compile`` each model is timed again with its body through
+   ``torch.compile`` (rows ``<model>+compile``; the compiled loss is checked
+   against the eager one on the same batch before timing).
 2. ``gen``: generation throughput at batch {1, 16, 64}: a 2048-token prompt
    (prefill) then 256 greedy tokens; tokens/s = B * 256 / (prefill + decoding),
    and the decoding steps alone. Weights in bf16 on GPU. On CUDA, extra rows
@@ -84,13 +87,14 @@ def hidden_states(model, ids, caches=None):
     return model.hidden_states(ids, caches)
 
 
-def chunked_lm_loss(model, x, y, V: int, chunk_tokens: int = 8192):
+def chunked_lm_loss(model, x, y, V: int, chunk_tokens: int = 8192, hidden=None):
     """Mean cross-entropy with the head computed `chunk_tokens` at a time under checkpointing.
 
     Same value and gradient as ``F.cross_entropy(model(x)[..., :V], y)``; only one
-    chunk's logits live at a time.
+    chunk's logits live at a time. `hidden`: a replacement for
+    ``hidden_states(model, .)`` (a compiled one).
     """
-    h = hidden_states(model, x).flatten(0, 1)  # (B L, D)
+    h = (hidden or (lambda ids: hidden_states(model, ids)))(x).flatten(0, 1)  # (B L, D)
     targets = y.flatten()
     weight = model.lm_head.weight
 
@@ -110,16 +114,20 @@ def chunked_lm_loss(model, x, y, V: int, chunk_tokens: int = 8192):
 # --------------------------------------------------------------------------- 1. training
 
 
-def bench_train(name, mcfg, lengths, tokens_per_step, device, timer, warmup, repeats, log) -> list[dict]:
+def bench_train(name, mcfg, lengths, tokens_per_step, device, timer, warmup, repeats, log, compile=False) -> list[dict]:
+    """Training rows of one model; `compile`: its body through torch.compile (rows named '<model>+compile')."""
     rows = []
     torch.manual_seed(0)
     model, n_params, _ = build_matched_lm(name, mcfg, device=device)
+    # dynamic=False: one graph per length, as a training run at one length would have
+    hidden = torch.compile(lambda ids: hidden_states(model, ids), dynamic=False) if compile else None
+    label = f"{name}+compile" if compile else name
     opt = make_optimizer(model, TrainConfig(lr=1e-4, max_steps=10, warmup_steps=0))
     amp = device.type == "cuda"
     V = mcfg.vocab_size
     for L in lengths:
         B = tokens_per_step // L
-        row = {"section": "train", "model": name, "params": n_params, "L": L, "batch": B, "tokens_per_step": B * L}
+        row = {"section": "train", "model": label, "params": n_params, "L": L, "batch": B, "tokens_per_step": B * L}
         if B < 1:
             row.update(status="skipped", error=f"tokens_per_step {tokens_per_step} < L")
             rows.append(row)
@@ -127,9 +135,16 @@ def bench_train(name, mcfg, lengths, tokens_per_step, device, timer, warmup, rep
         x = torch.randint(0, V, (B, L), device=device)
         y = torch.randint(0, V, (B, L), device=device)
 
+        if hidden is not None:  # the compiled body must give the eager loss before it is timed
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                eager, compiled = chunked_lm_loss(model, x, y, V).item(), chunked_lm_loss(model, x, y, V, hidden=hidden).item()
+            row["compile_loss_rel_diff"] = abs(compiled - eager) / abs(eager)
+            if row["compile_loss_rel_diff"] > (2e-2 if amp else 1e-4):
+                raise RuntimeError(f"{label} at L = {L}: compiled loss {compiled} differs from eager {eager}")
+
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = chunked_lm_loss(model, x, y, V)
+                loss = chunked_lm_loss(model, x, y, V, hidden=hidden)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -352,9 +367,9 @@ def fmt(v, spec=".3g") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
-def ratio(rows, x_key, value_key, x, mamba: str = "mamba") -> Optional[float]:
+def ratio(rows, x_key, value_key, x, mamba: str = "mamba", transformer: str = "transformer") -> Optional[float]:
     m = next((r for r in rows if r["model"] == mamba and r.get(x_key) == x and r.get("status") == "ok"), None)
-    t = next((r for r in rows if r["model"] == "transformer" and r.get(x_key) == x and r.get("status") == "ok"), None)
+    t = next((r for r in rows if r["model"] == transformer and r.get(x_key) == x and r.get("status") == "ok"), None)
     return m[value_key] / t[value_key] if m and t else None
 
 
@@ -370,6 +385,9 @@ def markdown(train_rows, gen_rows, mem_rows, meta) -> str:
             q = ratio(train_rows, "L", "tokens_per_s", L)
             if q:
                 lines.append(f"\nTraining throughput Mamba / Transformer at L = {L}: {q:.2f}x")
+            q = ratio(train_rows, "L", "tokens_per_s", L, "mamba+compile", "transformer+compile")
+            if q:
+                lines.append(f"\nTraining throughput, both compiled, Mamba / Transformer at L = {L}: {q:.2f}x")
         lines.append("")
     if gen_rows:
         lines += ["| model | batch | tokens/s (prefill + decode) | decode tokens/s | prefill (ms) | state (MiB) | peak (GiB) | status |",
@@ -484,6 +502,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="gen: skip the extra Mamba rows that decode through a CUDA graph (they run on CUDA only)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--mem-lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
+    p.add_argument("--compile", action="store_true",
+                   help="train: also time each model with its body through torch.compile (rows '<model>+compile')")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--gen-warmup", type=int, default=1, help="gen: warm-up generations per row (eager ones take seconds)")
@@ -525,6 +545,9 @@ def main(argv=None) -> dict:
         for name in args.models:
             if section == "train":
                 new += bench_train(name, mcfg, args.lengths, args.tokens_per_step, device, timer, args.warmup, args.repeats, log)
+                if args.compile:
+                    new += bench_train(name, mcfg, args.lengths, args.tokens_per_step, device, timer, args.warmup,
+                                       args.repeats, log, compile=True)
             elif section == "gen":
                 new += bench_gen(name, mcfg, args.gen_batches, args.prompt_len, args.new_tokens, device, timer,
                                  args.gen_warmup, args.gen_repeats, log)

@@ -19,6 +19,7 @@
 #
 # Jobs (one H100 unless said otherwise):
 #   bench-train        training tokens/s + peak memory, ~130M Mamba vs Transformer, L = 1K..64K, 64K tokens/step
+#   bench-train-compile  the same with both models also through torch.compile (rows '<model>+compile')
 #   bench-gen          generation tokens/s at batch 1/16/64 (prompt 2048, 256 new) + memory vs context length
 #   ts-mamba           Tiny Shakespeare, char level, Mamba char-10m (9.7M params), 5000 steps x 64 x 256 tokens
 #   ts-transformer     the same for the parameter-matched Transformer (same data order, tokens, recipe)
@@ -51,6 +52,7 @@ need() { [ -e "$1" ] || { echo "missing $1: copy the data into .data/ and carry 
 job=${1:-list}
 case "$job" in
   bench-train) exec "$PY" "$STAGE/bench_speed.py" --sections train --device cuda --out "$RES/bench" ;;
+  bench-train-compile) exec "$PY" "$STAGE/bench_speed.py" --sections train --compile --device cuda --out "$RES/bench" ;;
   bench-gen)   exec "$PY" "$STAGE/bench_speed.py" --sections gen memory --device cuda --out "$RES/bench" ;;
   ts-mamba|ts-transformer)
     need .data/tinyshakespeare.txt
