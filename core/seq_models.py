@@ -110,6 +110,7 @@ class TransformerConfig(ClassifierConfig):
 
     n_heads: int = 4  # attention heads (D must be divisible)
     mlp_ratio: int = 4  # the MLP sublayer of a Transformer layer
+    bidirectional: bool = True  # False: causal attention (no padding mask needed; the fused kernels' fast path)
 
     mixer = "transformer"
 
@@ -132,12 +133,13 @@ def make_config(mixer: str, **kw) -> ClassifierConfig:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over valid positions (padded keys are masked)."""
+    """Multi-head self-attention over valid positions (padded keys are masked), or causal."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         D = cfg.d_model
         self.h = cfg.n_heads
+        self.causal = not cfg.bidirectional
         self.qkv = nn.Linear(D, 3 * D)
         self.proj = nn.Linear(D, D)
 
@@ -155,8 +157,13 @@ class SelfAttention(nn.Module):
         pad = -P % 8
         if pad:
             q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :], scale=P**-0.5)[..., :P]
+        if self.causal:
+            # Padding sits after every valid position, so causal attention never
+            # lets a valid query see it: no mask, and the flash kernel applies.
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=P**-0.5)[..., :P]
+        else:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :], scale=P**-0.5)[..., :P]
         return self.proj(att.transpose(1, 2).reshape(Bsz, L, D))
 
 
@@ -279,8 +286,8 @@ class CausalLM(nn.Module):
     """The same residual backbone as a causal language model: (B, L) ids -> (B, L, V) logits.
 
     For the character-level ladder (stages 01, 03, 05, 06). S4 / S4D mixers
-    must be causal (``bidirectional=False``); attention would need a causal
-    mask, so the Transformer config is refused here (stage 06 has its own).
+    must be causal (``bidirectional=False``); the Transformer config is
+    refused here (stage 06 has its own, with rotary positions and a KV cache).
     """
 
     def __init__(self, cfg: ClassifierConfig):
@@ -288,7 +295,7 @@ class CausalLM(nn.Module):
         if getattr(cfg, "bidirectional", False):
             raise ValueError("a language model must be causal: set bidirectional=False")
         if isinstance(cfg, TransformerConfig):
-            raise ValueError("CausalLM has no causal attention; use ssmlab.core.transformer for that baseline")
+            raise ValueError("CausalLM takes the SSM mixers; use ssmlab.core.transformer for the Transformer baseline")
         self.cfg = cfg
         D = cfg.d_model
         self.embedding = nn.Embedding(cfg.vocab_size, D)

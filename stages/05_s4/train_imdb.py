@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-layers", type=int, default=None)
     p.add_argument("--d-state", type=int, default=None, help="SSM state size N (default: 64 S4/S4D, 16 Mamba)")
     p.add_argument("--s4d-init", choices=["legs", "lin", "real"], default="legs")
-    p.add_argument("--causal", action="store_true", help="S4/S4D: one causal kernel instead of bidirectional")
+    p.add_argument("--causal", action="store_true",
+                   help="S4/S4D: one causal kernel instead of bidirectional; Transformer: causal attention")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
@@ -129,7 +130,7 @@ def model_config(a: argparse.Namespace, vocab_size: int):
     kw = dict(vocab_size=vocab_size, n_layers=a.n_layers, dropout=a.dropout, max_len=a.max_len)
     if a.d_state is not None:
         kw["d_state"] = a.d_state
-    if a.model in ("s4", "s4d"):
+    if a.model in ("s4", "s4d", "transformer"):
         kw["bidirectional"] = not a.causal
     if a.model == "s4d":
         kw["init"] = a.s4d_init

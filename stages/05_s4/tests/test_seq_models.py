@@ -16,10 +16,11 @@ def _cfg(mixer):
     return make_config(mixer, **SMALL, **extra[mixer])
 
 
-@pytest.mark.parametrize("mixer", sorted(CONFIGS))
+@pytest.mark.parametrize("mixer", sorted(CONFIGS) + ["transformer-causal"])
 def test_padding_does_not_change_logits(mixer):
     torch.manual_seed(0)
-    model = build_model(_cfg(mixer)).eval()
+    cfg = dataclasses.replace(_cfg("transformer"), bidirectional=False) if mixer == "transformer-causal" else _cfg(mixer)
+    model = build_model(cfg).eval()
     seq = torch.randint(1, 40, (1, 11))
     padded = torch.zeros(2, 23, dtype=torch.long)
     padded[0, :11] = seq[0]
@@ -65,6 +66,26 @@ def test_attention_over_valid_keys_matches_the_written_out_softmax(d_model, head
     w = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
     ref = att.proj((w @ v).transpose(1, 2).reshape(3, 9, d_model))
     torch.testing.assert_close(att(x, mask), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("d_model,heads", [(88, 4), (64, 4)])
+def test_causal_attention_matches_the_written_out_softmax_and_ignores_padding(d_model, heads):
+    torch.manual_seed(2)
+    cfg = TransformerConfig(vocab_size=40, d_model=d_model, n_layers=1, dropout=0.0, max_len=32, n_heads=heads,
+                            bidirectional=False)
+    att = SelfAttention(cfg).double()
+    x = torch.randn(2, 9, d_model, dtype=torch.float64)
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 5])[:, None]
+    P = d_model // heads
+    q, k, v = att.qkv(x).view(2, 9, 3, heads, P).permute(2, 0, 3, 1, 4)
+    future = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    w = ((q @ k.transpose(-1, -2)) / P**0.5).masked_fill(future, float("-inf")).softmax(-1)
+    ref = att.proj((w @ v).transpose(1, 2).reshape(2, 9, d_model))
+    out = att(x, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    x2 = x.clone()
+    x2[1, 5:] = torch.randn(4, d_model, dtype=torch.float64)  # other padding: the valid positions do not change
+    torch.testing.assert_close(att(x2, mask)[1, :5], out[1, :5], rtol=1e-12, atol=1e-12)
 
 
 def test_fit_d_model_hits_the_budget():
