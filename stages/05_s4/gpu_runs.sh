@@ -15,6 +15,7 @@
 # Jobs (one model per job so each fits a 10-minute slot; rerun a job while it exits 3):
 #   bpe-mamba  bpe-s4d  bpe-s4  bpe-transformer     subword (BPE 8192 trained on train), max 1024 tokens, ~6M params
 #   byte-s4d   byte-s4  byte-mamba                  bytes, length 4096 (the LRA text setting), ~1M params
+#   byte-transformer-causal                        bytes, the Transformer with causal attention (flash path), ~1M params
 #   bench                                           kernel generation time / memory vs L (up to 131072)
 #   charlm                                          S4D character LM (the ladder's corpus), ~2.7M params
 #
@@ -33,7 +34,7 @@ copy_out() {  # copy the finished job's small results to $OUT (the device tool b
 
 run_imdb() {  # $1 tokenizer, $2 model, rest: extra flags
   local tok=$1 model=$2; shift 2
-  local name="imdb_${model}_${tok}"
+  local name="${NAME:-imdb_${model}_${tok}}"
   if [[ ! -e "$SSMLAB_IMDB" ]]; then
     echo "no IMDb archive at $SSMLAB_IMDB: copy ../shared/datasets/aclImdb.tar.gz to .data/ (and carry .data)" >&2
     exit 2
@@ -50,6 +51,7 @@ job=${1:-list}
 case "$job" in
   bpe-mamba|bpe-s4d|bpe-s4|bpe-transformer) run_imdb bpe "${job#bpe-}" ;;
   byte-s4d|byte-s4|byte-mamba)              run_imdb byte "${job#byte-}" ;;
+  byte-transformer-causal)                  NAME=imdb_transformer_causal_byte run_imdb byte transformer --causal ;;
   bench)
     "$PY" "$STAGE/bench_kernel.py" --device cuda --H 256
     copy_out "$STAGE/results/bench_kernel_cuda.json" "$STAGE/results/bench_kernel_cuda.png" ;;
