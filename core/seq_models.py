@@ -160,11 +160,11 @@ class SelfAttention(nn.Module):
         if self.causal:
             # Padding sits after every valid position, so causal attention never
             # lets a valid query see it: no mask, and the flash kernel applies.
-            att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=P**-0.5)[..., :P]
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=P**-0.5)
         else:
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :], scale=P**-0.5)[..., :P]
-        return self.proj(att.transpose(1, 2).reshape(Bsz, L, D))
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :], scale=P**-0.5)
+        return self.proj(att[..., :P].transpose(1, 2).reshape(Bsz, L, D))
 
 
 def mlp(D: int, ratio: int) -> nn.Module:

@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import train_imdb  # noqa: E402  (the script next to this one: same model choices and defaults)
 
+from ssmlab.core.checkpoint import atomic_write_text  # noqa: E402
 from ssmlab.core.seq_models import build_model, param_count  # noqa: E402
 from ssmlab.core.timing import Timer  # noqa: E402
 from ssmlab.core.training import TrainConfig, make_optimizer  # noqa: E402
@@ -110,8 +111,8 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench_train_step_{device.type}{'_quick' if a.quick else ''}.json"
-    path.write_text(json.dumps({"device": dev_name, "torch": torch.__version__, "command": " ".join(sys.argv),
-                                "rows": rows}, indent=1))
+    atomic_write_text(json.dumps({"device": dev_name, "torch": torch.__version__, "command": " ".join(sys.argv),
+                                  "rows": rows}, indent=1), path)
     print(f"wrote {path}")
     return 0
 
