@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssmlab.core.channel_major import channel_mix, channels_to_tokens, tokens_to_channels
+
 
 # --------------------------------------------------------------------------- config
 
@@ -242,8 +244,12 @@ class Mamba(nn.Module):
         cfg = self.cfg
         Bsz, L, _ = hidden.shape
         ED, N, R, K = cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
-        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2ED, L), or (B, ED, L) ungated
-        x, z = xz.chunk(2, dim=1) if cfg.gated else (xz, None)  # (B, ED, L) each
+        # Channel-major from here to out_proj: (B, ED, L) tensors with unit stride along L, produced
+        # and consumed by products that absorb the layout change (core/channel_major.py).
+        if cfg.gated:
+            x, z = tokens_to_channels(hidden, self.in_proj.weight, self.in_proj.bias, split=[ED, ED])
+        else:
+            x, z = tokens_to_channels(hidden, self.in_proj.weight, self.in_proj.bias), None
         if cache is None:
             x = self.conv1d(x)[..., :L]  # causal: left padding K-1, keep the first L outputs
             initial_state = None
@@ -253,18 +259,18 @@ class Mamba(nn.Module):
             x = F.conv1d(x_ext, self.conv1d.weight, self.conv1d.bias, groups=ED)  # (B, ED, L)
             initial_state = cache.ssm_state if cache.seqlen_offset > 0 else None
         x = F.silu(x)
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([R, N, N], dim=-1)  # (B, L, R), (B, L, N) x2
-        dt = self.dt_proj.weight @ dt.transpose(1, 2)  # (B, ED, L); bias added (in fp32) inside the scan
+        x_dbl = channel_mix(self.x_proj.weight, x)  # (B, R + 2N, L)
+        dt = channel_mix(self.dt_proj.weight, x_dbl[:, :R])  # (B, ED, L); bias added (in fp32) inside the scan
+        B, C = x_dbl[:, R:R + N], x_dbl[:, R + N:]  # (B, N, L) views: the scan reads them in place
         scan = _selective_scan()
         kwargs = dict(D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
         if cache is None:
-            y = scan(x, dt, self.A(), B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), **kwargs)
+            y = scan(x, dt, self.A(), B, C, **kwargs)
         else:
-            y, last = scan(x, dt, self.A(), B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-                           return_last_state=True, initial_state=initial_state, **kwargs)
+            y, last = scan(x, dt, self.A(), B, C, return_last_state=True, initial_state=initial_state, **kwargs)
             cache.ssm_state = last.float()
             cache.seqlen_offset += L
-        return self.out_proj(y.transpose(1, 2).to(hidden.dtype))  # (B, L, D)
+        return channels_to_tokens(y, self.out_proj.weight, self.out_proj.bias)  # (B, L, D)
 
     def step(self, hidden: Tensor, cache: MambaLayerCache) -> Tensor:
         """One token: hidden (B, D) -> (B, D), updating `cache` in O(1) time and memory.
