@@ -29,6 +29,9 @@ What stays exactly as in single-process training (`ssmlab.core.training`):
 * **Chunked runs** (``cfg.time_limit_s``): rank 0's clock decides, at
   checkpoint steps only, and every rank stops at the same step right after
   rank 0 has written that step's checkpoint (``result.finished`` is False).
+* **The weight EMA** (``cfg.ema_decay``) is kept by every rank: the ranks'
+  parameters are equal after each step, so their averages are too, and the
+  checkpoint holds one. ``result.ema`` is set on every rank, stopped or not.
 
 `train_distributed` wraps `ssmlab.core.training.train` with all of this; with
 one process it is exactly `train`. Tested: two gloo CPU processes give the
@@ -53,7 +56,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssmlab.core.training import CHECKPOINT_NAME, LOG_NAME, TrainConfig, TrainResult, train
+from ssmlab.core.training import CHECKPOINT_NAME, LOG_NAME, TrainConfig, TrainResult, make_ema, train
 
 
 @dataclass(frozen=True)
@@ -294,6 +297,7 @@ def train_distributed(model: nn.Module, loss_fn: Callable, data: Any, cfg: Train
         raise ValueError("under DDP, time_limit_s needs ckpt_every > 0 (the run stops at a checkpoint step)")
     ddp = model if isinstance(model, DistributedDataParallel) else wrap_model(model, env)
     local_cfg = dataclasses.replace(rank_config(cfg, env), time_limit_s=0.0)  # the limit is enforced below
+    ema = make_ema(ddp, cfg)  # made here so that a run stopped by _OutOfTime still returns it
     barrier(env)  # every rank has read the checkpoint before rank 0 may write a new one
     t0 = time.perf_counter()
 
@@ -309,9 +313,9 @@ def train_distributed(model: nn.Module, loss_fn: Callable, data: Any, cfg: Train
 
     try:
         result = train(ddp, global_loss_fn(loss_fn, env, ddp, cfg.grad_accum), ShardedBatches(data, env), local_cfg,
-                       eval_fn=eval_fn, on_step=step_hook)
+                       eval_fn=eval_fn, on_step=step_hook, ema=ema)
     except _OutOfTime as stop:  # rank 0 wrote the checkpoint of this step just before the hook ran
-        result = TrainResult(step=stop.step, finished=False)
+        result = TrainResult(step=stop.step, finished=False, ema=ema)
         if env.is_main and cfg.out_dir is not None:
             with open(Path(cfg.out_dir) / LOG_NAME, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"kind": "stopped", "step": stop.step, "reason": "time_limit_s",

@@ -10,10 +10,18 @@ The recipe:
 * bfloat16 autocast on GPU (``precision="auto"``), float32 on CPU;
 * gradient accumulation over ``grad_accum`` micro-batches;
 * an evaluation hook, a tqdm progress bar, JSON log lines;
+* optionally an exponential moving average of the weights (``ema_decay > 0``,
+  `ssmlab.core.ema.ParamEMA`), updated after every optimizer step. Evaluation
+  then runs twice: the plain metric names (``val_loss``) are those of the
+  EMA weights, the ones with the suffix ``_live`` (``val_loss_live``) those
+  of the live weights. The plain names go to whatever reads them (best
+  validation loss, curves, early stopping), so they describe the weights a
+  script saves, which are the EMA weights (``result.ema.swapped_in(model)``);
 * atomic checkpoints with **exact resume**: model, optimizer, scheduler, step,
-  the RNG states of torch (CPU and CUDA), numpy and `random`, and the position
-  of the data stream. A run killed and resumed reproduces the losses of an
-  uninterrupted run (tested on CPU in stage 06).
+  the EMA (when on), the RNG states of torch (CPU and CUDA), numpy and
+  `random`, and the position of the data stream. A run killed and resumed
+  reproduces the losses (and EMA) of an uninterrupted run (tested on CPU in
+  stage 06).
 
 API in one screen::
 
@@ -32,6 +40,7 @@ API in one screen::
 
     result = train(model, loss_fn, batches, cfg, eval_fn=eval_fn)
     result.history        # list of the JSON records written to out_dir/log.jsonl
+    # with TrainConfig(ema_decay=0.999, ...): result.ema, and `with result.ema.swapped_in(model): save(model)`
 
 Re-running the same command with ``resume=True`` (the default) continues from
 ``out_dir/checkpoint.pt`` when it exists; with ``time_limit_s`` a long run
@@ -54,6 +63,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -63,9 +73,11 @@ import torch
 from torch import Tensor, nn
 
 from ssmlab.core.checkpoint import atomic_torch_save
+from ssmlab.core.ema import ParamEMA
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
+LIVE_SUFFIX = "_live"  # with an EMA, eval metrics of the live weights are logged as name + LIVE_SUFFIX
 
 # Parameter names (last component) that never get weight decay, besides every
 # tensor of fewer than 2 dimensions (biases, norm weights) and embeddings.
@@ -99,6 +111,9 @@ class TrainConfig:
     time_limit_s: float = 0.0  # stop (after a checkpoint) once this much wall time has passed; 0: no limit.
     # Lets a long run be split into chunks: rerun the same command and it resumes.
     progress: bool = True  # tqdm progress bar
+    ema_decay: float = 0.0  # β of the weight EMA (0: off; e.g. 0.999 averages over ~1000 steps)
+    ema_start_step: int = 0  # the EMA copies the weights for this many steps before averaging
+    # (so that it does not keep the random initialisation with weight β^t; see core/ema.py)
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -115,7 +130,9 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        for name in ("log_every", "eval_every", "ckpt_every", "time_limit_s"):
+        if not (self.ema_decay == 0 or 0 < self.ema_decay < 1):
+            raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}")
+        for name in ("log_every", "eval_every", "ckpt_every", "time_limit_s", "ema_start_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.betas = tuple(self.betas)
@@ -197,6 +214,11 @@ class WarmupCosine:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+
+
+def make_ema(model: nn.Module, cfg: TrainConfig) -> Optional[ParamEMA]:
+    """The weight EMA the config asks for (None when ``cfg.ema_decay == 0``), started at the current weights."""
+    return ParamEMA(model, cfg.ema_decay, cfg.ema_start_step) if cfg.ema_decay > 0 else None
 
 
 # --------------------------------------------------------------------------- data streams
@@ -315,7 +337,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: Union[str, os.PathLike], model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, step: int, data: Any = None, cfg: Optional[TrainConfig] = None,
-                    extra: Optional[dict] = None) -> Path:
+                    extra: Optional[dict] = None, ema: Optional[ParamEMA] = None) -> Path:
     """Atomically write everything exact resume needs (see module docstring)."""
     state = {
         "step": step,
@@ -324,6 +346,7 @@ def save_checkpoint(path: Union[str, os.PathLike], model: nn.Module, optimizer: 
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng_state(),
         "data": data.state_dict() if hasattr(data, "state_dict") else None,
+        "ema": ema.state_dict() if ema is not None else None,
         "train_config": dataclasses.asdict(cfg) if cfg is not None else None,
         "extra": extra or {},
     }
@@ -332,8 +355,13 @@ def save_checkpoint(path: Union[str, os.PathLike], model: nn.Module, optimizer: 
 
 def load_checkpoint(path: Union[str, os.PathLike], model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     scheduler: Any = None, data: Any = None, restore_rng: bool = True,
-                    map_location: Union[str, torch.device] = "cpu") -> dict:
-    """Restore the objects given from a `save_checkpoint` file; returns the raw state (``state['step']``)."""
+                    map_location: Union[str, torch.device] = "cpu", ema: Optional[ParamEMA] = None) -> dict:
+    """Restore the objects given from a `save_checkpoint` file; returns the raw state (``state['step']``).
+
+    An `ema` given for a checkpoint written without one restarts from the loaded
+    weights (with a warning): turning the EMA on mid-run is allowed, but that
+    run is then not the one an EMA-from-the-start run would have been.
+    """
     state = torch.load(path, map_location=map_location, weights_only=False)
     model.load_state_dict(state["model"])
     if optimizer is not None:
@@ -344,6 +372,12 @@ def load_checkpoint(path: Union[str, os.PathLike], model: nn.Module, optimizer: 
         if not hasattr(data, "load_state_dict"):
             raise TypeError("the checkpoint holds a data position but the data stream has no load_state_dict()")
         data.load_state_dict(state["data"])
+    if ema is not None:
+        if state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        else:
+            ema.reset(model)
+            warnings.warn(f"{path} holds no EMA state: the EMA starts from the resumed weights at step {state['step']}")
     if restore_rng:
         set_rng_state(state["rng"])
     return state
@@ -396,6 +430,7 @@ class TrainResult:
     finished: bool = True  # False when time_limit_s stopped the run before max_steps
     history: list[dict] = field(default_factory=list)  # the JSON records of this call
     resumed_from: Optional[int] = None  # step of the checkpoint resumed from, if any
+    ema: Optional[ParamEMA] = None  # the weight EMA (cfg.ema_decay > 0); ema.swapped_in(model) to use it
 
 
 LossFn = Callable[[nn.Module, Any], Union[Tensor, tuple[Tensor, dict]]]
@@ -411,12 +446,16 @@ def _scalar(v: Any) -> Any:
 
 def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
           eval_fn: Optional[Callable[[nn.Module], dict]] = None,
-          on_step: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
+          on_step: Optional[Callable[[int, dict], None]] = None, ema: Optional[ParamEMA] = None) -> TrainResult:
     """Run the recipe until ``cfg.max_steps`` optimizer steps are done.
 
     loss_fn(model, batch) -> loss or (loss, metrics dict), batch already on the device.
-    eval_fn(model) -> dict of metrics (run under no_grad, eval mode, autocast).
+    eval_fn(model) -> dict of metrics (run under no_grad, eval mode, autocast); with an
+    EMA it runs on the live weights, then on the EMA weights (see the module docstring).
     on_step(step, record) is called after each optimizer step (step counts from 1).
+    ema: the weight EMA to update, made by ``make_ema(model, cfg)`` on the model already
+    on cfg.device; by default `train` makes it. Pass one to keep hold of it when an
+    exception ends `train` (`train_distributed` stops a timed-out run that way).
     """
     device = torch.device(cfg.device)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
@@ -424,11 +463,16 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
+    if ema is None:
+        ema = make_ema(model, cfg)
+    elif ema.decay != cfg.ema_decay or ema.start_step != cfg.ema_start_step:
+        raise ValueError(f"the EMA passed (decay {ema.decay}, start {ema.start_step}) is not the one cfg asks for "
+                         f"(ema_decay {cfg.ema_decay}, ema_start_step {cfg.ema_start_step})")
     step, resumed_from = 0, None
     if ckpt_path is not None and cfg.resume and ckpt_path.exists():
         # Loaded on the CPU: RNG states must stay CPU byte tensors, and load_state_dict
-        # moves model and optimizer tensors to their parameters' device anyway.
-        step = resumed_from = load_checkpoint(ckpt_path, model, optimizer, scheduler, data)["step"]
+        # moves model, optimizer and EMA tensors to their parameters' device anyway.
+        step = resumed_from = load_checkpoint(ckpt_path, model, optimizer, scheduler, data, ema=ema)["step"]
     else:
         seed_everything(cfg.seed)
     amp = cfg.autocast_dtype()
@@ -449,6 +493,11 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
         model.eval()
         with torch.no_grad(), autocast():
             metrics = {k: _scalar(v) for k, v in eval_fn(model).items()}
+            if ema is not None:
+                live = {k + LIVE_SUFFIX: v for k, v in metrics.items()}
+                with ema.swapped_in(model):
+                    metrics = {k: _scalar(v) for k, v in eval_fn(model).items()}
+                metrics.update(live)
         model.train()
         return metrics
 
@@ -476,6 +525,8 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if ema is not None:
+                ema.update(model)
             step += 1
             record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, **metrics_sum}
             if step % max(cfg.log_every, 1) == 0 or step == cfg.max_steps:
@@ -486,7 +537,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
             out_of_time = cfg.time_limit_s > 0 and time.perf_counter() - t0 >= cfg.time_limit_s
             periodic = cfg.ckpt_every and step % cfg.ckpt_every == 0
             if ckpt_path is not None and (periodic or step == cfg.max_steps or out_of_time):
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, step, data, cfg)
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, step, data, cfg, ema=ema)
             if bar is not None:
                 bar.update(1)
                 post = {"loss": f"{loss_sum:.4f}", "lr": f"{lr:.2e}"}
@@ -503,11 +554,13 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
             bar.close()
         if log_file is not None:
             log_file.close()
-    return TrainResult(step=step, finished=step >= cfg.max_steps, history=history, resumed_from=resumed_from)
+    return TrainResult(step=step, finished=step >= cfg.max_steps, history=history, resumed_from=resumed_from,
+                       ema=ema)
 
 
 __all__ = [
-    "CHECKPOINT_NAME", "LOG_NAME", "EpochBatches", "GeneratedBatches", "StepTimer", "TrainConfig", "TrainResult",
-    "WarmupCosine", "load_checkpoint", "lr_factor", "make_optimizer", "make_scheduler", "no_decay",
-    "param_groups", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "to_device", "train",
+    "CHECKPOINT_NAME", "LIVE_SUFFIX", "LOG_NAME", "EpochBatches", "GeneratedBatches", "StepTimer", "TrainConfig",
+    "TrainResult", "WarmupCosine", "load_checkpoint", "lr_factor", "make_ema", "make_optimizer", "make_scheduler",
+    "no_decay", "param_groups", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "to_device",
+    "train",
 ]

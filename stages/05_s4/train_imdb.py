@@ -16,6 +16,11 @@ flags. Checkpoints go to --run-dir (re-running the same command resumes
 exactly; with --time-limit a run stops cleanly and exits with code 3 so it can
 be continued in chunks). The results JSON and a PNG of the curves go to
 --results.
+
+With --ema-decay B the recipe keeps an exponential moving average of the
+weights (`ssmlab.core.ema`): validation during training and the final val /
+test scores use the averaged weights; the log's ``val_*_live`` records (and
+the dashed curve) are those of the weights being trained.
 """
 
 from __future__ import annotations
@@ -79,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-frac", type=float, default=0.1, help="fraction of steps spent in linear warmup")
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="decay of an EMA of the weights (0: off; e.g. 0.999): validation and the final scores use it")
+    p.add_argument("--ema-start-step", type=int, default=0,
+                   help="steps during which the EMA copies the weights before it averages")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on GPU")
     p.add_argument("--train-subset", type=int, default=None, help="use this many training reviews (stratified)")
     p.add_argument("--val-subset", type=int, default=None)
@@ -123,6 +132,8 @@ def resolve_settings(a: argparse.Namespace) -> argparse.Namespace:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1")
     if a.epochs <= 0 or not 0 <= a.warmup_frac < 1:
         raise SystemExit("--epochs must be > 0 and --warmup-frac in [0, 1)")
+    if not (a.ema_decay == 0 or 0 < a.ema_decay < 1) or a.ema_start_step < 0:
+        raise SystemExit("--ema-decay must be 0 (off) or in (0, 1), --ema-start-step >= 0")
     return a
 
 
@@ -174,9 +185,14 @@ def read_log(run_dir: Path) -> dict:
                 evals[r["step"]] = r
     steps = sorted(train)
     esteps = sorted(evals)
-    return {"train_step": steps, "train_loss": [train[s] for s in steps], "val_step": esteps,
-            "val_loss": [evals[s]["val_loss"] for s in esteps], "val_accuracy": [evals[s]["val_accuracy"] for s in esteps],
-            "val_roc_auc": [evals[s]["val_roc_auc"] for s in esteps]}
+    curves = {"train_step": steps, "train_loss": [train[s] for s in steps], "val_step": esteps,
+              "val_loss": [evals[s]["val_loss"] for s in esteps],
+              "val_accuracy": [evals[s]["val_accuracy"] for s in esteps],
+              "val_roc_auc": [evals[s]["val_roc_auc"] for s in esteps]}
+    if esteps and all("val_loss_live" in evals[s] for s in esteps):  # an EMA run: val_* are the averaged weights
+        curves["val_loss_live"] = [evals[s]["val_loss_live"] for s in esteps]
+        curves["val_accuracy_live"] = [evals[s]["val_accuracy_live"] for s in esteps]
+    return curves
 
 
 def plot(curves: dict, title: str, path: Path) -> None:
@@ -187,7 +203,10 @@ def plot(curves: dict, title: str, path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax1.plot(curves["train_step"], curves["train_loss"], label="train (batch)", alpha=0.7)
-    ax1.plot(curves["val_step"], curves["val_loss"], "o-", label="validation")
+    ema = "val_loss_live" in curves
+    ax1.plot(curves["val_step"], curves["val_loss"], "o-", label="validation (EMA)" if ema else "validation")
+    if ema:
+        ax1.plot(curves["val_step"], curves["val_loss_live"], "--", label="validation (live weights)")
     ax1.set_xlabel("optimizer step"), ax1.set_ylabel("binary cross-entropy"), ax1.legend()
     ax2.plot(curves["val_step"], curves["val_accuracy"], "o-", label="val accuracy")
     ax2.plot(curves["val_step"], curves["val_roc_auc"], "s-", label="val ROC AUC")
@@ -231,7 +250,8 @@ def main(argv=None) -> int:
     tcfg = TrainConfig(lr=a.lr, max_steps=steps, warmup_steps=int(a.warmup_frac * steps), weight_decay=a.weight_decay,
                        grad_clip=a.grad_clip, device=a.device, precision=a.precision, seed=a.seed,
                        log_every=max(1, steps // 200), eval_every=eval_every, ckpt_every=max(50, steps // 10),
-                       out_dir=str(run_dir), progress=not a.no_progress, time_limit_s=a.time_limit)
+                       out_dir=str(run_dir), progress=not a.no_progress, time_limit_s=a.time_limit,
+                       ema_decay=a.ema_decay, ema_start_step=a.ema_start_step)
     amp_dtype = tcfg.autocast_dtype()
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     counter = {"tokens": 0, "padded": 0}
@@ -266,10 +286,12 @@ def main(argv=None) -> int:
         print(f"stopped at step {result.step}/{steps} by --time-limit; run the same command again to continue")
         return EXIT_UNFINISHED
 
-    t_eval = time.perf_counter()
-    test = metrics(predict(model, tok.test, device, a.eval_batch_size, amp), tok.y_test)
-    t_eval = time.perf_counter() - t_eval
-    val = metrics(predict(model, tok.val, device, a.eval_batch_size, amp), tok.y_val)
+    # With an EMA, the averaged weights are the ones validated, hence the ones scored.
+    with result.ema.swapped_in(model) if result.ema is not None else contextlib.nullcontext():
+        t_eval = time.perf_counter()
+        test = metrics(predict(model, tok.test, device, a.eval_batch_size, amp), tok.y_test)
+        t_eval = time.perf_counter() - t_eval
+        val = metrics(predict(model, tok.val, device, a.eval_batch_size, amp), tok.y_val)
     curves = read_log(run_dir)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     out = {
@@ -277,7 +299,9 @@ def main(argv=None) -> int:
         "subset": a.subset, "data": tok.info, "config": cfg.to_dict(), "params": n_params,
         "train": {"steps": steps, "batch_size": a.batch_size, "epochs": steps / batches.steps_per_epoch(), "lr": a.lr,
                   "weight_decay": a.weight_decay, "warmup_steps": tcfg.warmup_steps, "grad_clip": a.grad_clip,
-                  "precision": str(amp_dtype) if amp_dtype else "fp32", "seed": a.seed},
+                  "precision": str(amp_dtype) if amp_dtype else "fp32", "seed": a.seed,
+                  "ema_decay": a.ema_decay, "ema_start_step": a.ema_start_step},
+        "scored_weights": "ema" if result.ema is not None else "live",
         "test": test, "val": val,
         "train_seconds": round(total["train_seconds"], 2),
         "tokens_per_second": round(total["tokens"] / max(total["train_seconds"], 1e-9), 1),

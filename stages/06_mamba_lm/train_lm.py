@@ -23,11 +23,17 @@ Writes, per model, ``OUT/<model>/`` (log.jsonl, checkpoint.pt for exact resume,
 same command resumes an interrupted run; with --time-limit-min the script
 stops at a checkpoint once the time is spent and exits with status 75 (run the
 same command again to continue), for machines lent in bounded slots.
+
+With --ema-decay B (e.g. 0.999) the recipe keeps an exponential moving
+average of the weights (`ssmlab.core.ema`): ``val_loss`` and the curves are
+then those of the averaged weights, ``val_loss_live`` those of the weights
+being trained, and ``model/`` holds the averaged weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -200,7 +206,8 @@ def run_model(name: str, args, corpus, env) -> dict:
                        grad_accum=args.grad_accum, precision=args.precision, seed=args.seed,
                        log_every=args.log_every, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                        out_dir=str(out), progress=not args.no_progress, min_lr_ratio=args.min_lr_ratio,
-                       time_limit_s=time_left_s(args))
+                       time_limit_s=time_left_s(args), ema_decay=args.ema_decay,
+                       ema_start_step=args.ema_start_step)
     dist_.print0(env, f"[{name}] {n_params / 1e6:.3f}M parameters, {tokens_per_step} tokens/step, "
                       f"{args.steps} steps = {tokens_per_step * args.steps / 1e6:.2f}M tokens, device {env.device} x {env.world_size}")
     timer = StepTimer(tcfg)
@@ -209,10 +216,12 @@ def run_model(name: str, args, corpus, env) -> dict:
     summary = {}
     if env.is_main:
         previous = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else {}
-        save_for_generation(out / "model", name, bare, cfg, corpus, level)
         log = read_log(out / LOG_NAME)
         evals = [r for r in log if r["kind"] == "eval"]
-        last = evals[-1] if evals else eval_fn(bare)
+        # With an EMA, the averaged weights are the ones validated, hence the ones saved.
+        with result.ema.swapped_in(bare) if result.ema is not None else contextlib.nullcontext():
+            save_for_generation(out / "model", name, bare, cfg, corpus, level)
+            last = evals[-1] if evals else eval_fn(bare)
         best = min(evals, key=lambda r: r["val_loss"]) if evals else last
         summary = {
             "model": name, "params": n_params, "config": cfg.to_dict(), "corpus": corpus.describe(),
@@ -222,14 +231,19 @@ def run_model(name: str, args, corpus, env) -> dict:
             "device_name": torch.cuda.get_device_name() if env.device.startswith("cuda") else "cpu",
             "precision": args.precision, "val_loss": last["val_loss"], "val_ppl": last["val_ppl"],
             "val_bpc": last["val_bpc"], "finished": result.finished,
+            "ema_decay": args.ema_decay, "ema_start_step": args.ema_start_step,
+            "saved_weights": "ema" if result.ema is not None else "live",
             "best_val_loss": best["val_loss"], "best_val_bpc": best["val_bpc"], "best_val_step": best.get("step"),
             "wall_s_this_session": round(timer.wall(), 2),
             "train_tokens_per_s": timer.tokens_per_s(tokens_per_step) or previous.get("train_tokens_per_s"),
             "timed_steps": timer.n or previous.get("timed_steps"),
             "command": " ".join(sys.argv),
         }
+        if result.ema is not None:  # the last validation of the trained (not averaged) weights
+            summary["val_loss_live"] = last.get("val_loss_live")
         atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "result.json")
-        dist_.print0(env, f"[{name}] step {result.step}/{args.steps}: val loss {summary['val_loss']:.4f} nats/token, "
+        weights = f" (EMA {args.ema_decay})" if result.ema is not None else ""
+        dist_.print0(env, f"[{name}] step {result.step}/{args.steps}: val loss{weights} {summary['val_loss']:.4f} nats/token, "
                           f"bpc {summary['val_bpc']:.4f}, ppl {summary['val_ppl']:.2f}, "
                           f"{summary['train_tokens_per_s']} tokens/s" + ("" if result.finished else " (stopped by the time limit)"))
     summary["finished"] = result.finished
@@ -257,7 +271,8 @@ def plot_curves(out: Path) -> Path:
         if train:
             ax.plot(*zip(*train), color=color, alpha=0.35, lw=1, label=f"{label} train")
         if val:
-            ax.plot(*zip(*val), "o-", color=color, ms=3, label=f"{label} val")
+            ema = " (EMA)" if res.get("ema_decay") else ""
+            ax.plot(*zip(*val), "o-", color=color, ms=3, label=f"{label} val{ema}")
     ax.set_xlabel("training tokens")
     ax.set_ylabel(f"cross-entropy (nats per {unit})")
     ax.set_title(out.name)
@@ -299,6 +314,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1,
                    help="AdamW decoupled weight decay on the decay group (not on biases, norms, embeddings, A_log, D)")
     p.add_argument("--warmup", type=int, default=100, help="warmup steps")
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="decay of an EMA of the weights (0: off; e.g. 0.999): validation and the saved model use "
+                        "the averaged weights, val_loss_live reports the trained ones")
+    p.add_argument("--ema-start-step", type=int, default=0,
+                   help="steps during which the EMA copies the weights before it averages (e.g. --warmup)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on GPU")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--eval-every", type=int, default=100, help="validate every N steps (and at the end)")
@@ -318,6 +338,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0:
         p.error("--lr must be > 0")
+    if not (args.ema_decay == 0 or 0 < args.ema_decay < 1):
+        p.error("--ema-decay must be 0 (off) or in (0, 1)")
+    if args.ema_start_step < 0:
+        p.error("--ema-start-step must be >= 0")
     if args.level == "char" and args.text == "imdb":
         p.error("--text imdb needs --level bpe")
     return args

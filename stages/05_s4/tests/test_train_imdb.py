@@ -31,6 +31,22 @@ def test_short_run_end_to_end_with_chunked_resume(tmp_path, isolated_cache, make
     assert (tmp_path / "res" / "t.png").stat().st_size > 1000
 
 
+def test_ema_run_scores_the_averaged_weights(tmp_path, isolated_cache, make_fake_imdb, main):
+    archive = make_fake_imdb(tmp_path / "fake.tar.gz", per_folder=20)
+    args = ["--data", str(archive), "--per-folder", "20", "--model", "s4d", "--s4d-init", "lin", "--tokenizer", "byte",
+            "--d-model", "8", "--d-state", "4", "--n-layers", "1", "--max-len", "64", "--steps", "3",
+            "--batch-size", "8", "--eval-every", "3", "--device", "cpu", "--run-dir", str(tmp_path / "run"),
+            "--results", str(tmp_path / "res"), "--no-progress", "--name", "e", "--ema-decay", "0.5"]
+    assert main(args) == 0
+    out = json.loads((tmp_path / "res" / "e.json").read_text())
+    assert out["train"]["ema_decay"] == 0.5 and out["scored_weights"] == "ema"
+    curves = out["curves"]
+    assert curves["val_step"] == [3] and curves["val_loss"] != curves["val_loss_live"]
+    assert out["val"]["loss"] == curves["val_loss"][-1]  # the final scores are those of the EMA weights
+    with pytest.raises(SystemExit, match="ema-decay"):
+        main(args + ["--ema-decay", "1"])
+
+
 def test_missing_data_is_a_clear_error(tmp_path, isolated_cache, main, capsys):
     assert main(["--data", str(tmp_path / "nowhere.tar.gz"), "--device", "cpu"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -50,8 +50,9 @@ def _loss(model, batch):
 
 
 def _cfg(out_dir) -> TrainConfig:
+    # With a weight EMA, so that its DDP path (names through the wrapper, kept when the time limit stops) is covered.
     return TrainConfig(lr=3e-3, warmup_steps=1, max_steps=STEPS, grad_accum=2, log_every=1, ckpt_every=2,
-                       out_dir=str(out_dir), progress=False, seed=5)
+                       out_dir=str(out_dir), progress=False, seed=5, ema_decay=0.5)
 
 
 def _losses(out_dir) -> list[float]:
@@ -70,7 +71,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     root = Path(root)
     # (a) uninterrupted
     model_a = _model()
-    D.train_distributed(model_a, _loss, _data(), _cfg(root / "a"), env)
+    res_a = D.train_distributed(model_a, _loss, _data(), _cfg(root / "a"), env)
     # (b) killed right after the checkpoint of step 2, then resumed by the same command
     def kill(step, record):
         if step == 2:
@@ -79,17 +80,19 @@ def _worker(rank: int, port: int, root: str) -> None:
     with pytest.raises(Killed):
         D.train_distributed(_model(), _loss, _data(), _cfg(root / "b"), env, on_step=kill)
     model_b = _model()
-    res = D.train_distributed(model_b, _loss, _data(), _cfg(root / "b"), env)
-    assert res.resumed_from == 2
+    res_b = D.train_distributed(model_b, _loss, _data(), _cfg(root / "b"), env)
+    assert res_b.resumed_from == 2
     # (c) a chunked run: the time limit stops every rank at the first checkpoint step, then the rerun finishes
     cfg_c = _cfg(root / "c")
     cfg_c.time_limit_s = 1e-6
     stopped = D.train_distributed(_model(), _loss, _data(), cfg_c, env)
-    assert not stopped.finished and stopped.step == 2
+    assert not stopped.finished and stopped.step == 2 and stopped.ema.num_updates == 2
     model_c = _model()
-    assert D.train_distributed(model_c, _loss, _data(), _cfg(root / "c"), env).finished
+    res_c = D.train_distributed(model_c, _loss, _data(), _cfg(root / "c"), env)
+    assert res_c.finished
     if env.is_main:
-        torch.save({"a": model_a.state_dict(), "b": model_b.state_dict(), "c": model_c.state_dict()}, root / "final.pt")
+        torch.save({"a": model_a.state_dict(), "b": model_b.state_dict(), "c": model_c.state_dict(),
+                    "ema": {k: r.ema.shadow for k, r in (("a", res_a), ("b", res_b), ("c", res_c))}}, root / "final.pt")
     D.teardown(env)
 
 
@@ -118,12 +121,12 @@ def ddp_run(tmp_path_factory):
 def single_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     model = _model()
-    train(model, _loss, _data(), _cfg(root))
-    return root, model
+    res = train(model, _loss, _data(), _cfg(root))
+    return root, model, res.ema.shadow
 
 
 def test_two_processes_equal_one_process(ddp_run, single_run):
-    single_dir, single_model = single_run
+    single_dir, single_model, single_ema = single_run
     final = torch.load(ddp_run / "final.pt")
     ref = single_model.state_dict()
     assert final["a"].keys() == ref.keys()  # no "module." prefix
@@ -133,6 +136,9 @@ def test_two_processes_equal_one_process(ddp_run, single_run):
         err = (final["a"][name] - p).abs().max().item()
         assert err <= 1e-5 * max(1.0, p.abs().max().item()), f"{name}: DDP differs from one process by {err:.2e}"
         assert moved > 0 or p.ndim < 2, f"{name} did not train"
+    assert final["ema"]["a"].keys() == single_ema.keys()  # names of the bare model
+    for name, s in single_ema.items():
+        torch.testing.assert_close(final["ema"]["a"][name], s, rtol=1e-5, atol=1e-5)
     single, ddp = _losses(single_dir), _losses(ddp_run / "a")
     assert len(ddp) == STEPS == len(single)
     assert max(abs(a - b) for a, b in zip(single, ddp)) < 1e-5, (single, ddp)  # logged: global-batch means
@@ -143,6 +149,8 @@ def test_two_process_resume_is_exact(ddp_run):
     for name, p in final["a"].items():
         assert torch.equal(final["b"][name], p), f"{name}: resumed DDP run differs from the uninterrupted one"
         assert torch.equal(final["c"][name], p), f"{name}: the chunked DDP run differs from the uninterrupted one"
+    for name, s in final["ema"]["a"].items():
+        assert torch.equal(final["ema"]["b"][name], s) and torch.equal(final["ema"]["c"][name], s), f"EMA of {name}"
     assert _losses(ddp_run / "c") == _losses(ddp_run / "a")
     assert _losses(ddp_run / "b") == _losses(ddp_run / "a")  # steps 1-2 before the kill, 3-4 after
     assert not any(p.name.startswith(".rank") for p in (ddp_run / "b").iterdir()), "rank > 0 left files behind"
