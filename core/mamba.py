@@ -272,30 +272,26 @@ class Mamba(nn.Module):
             cache.seqlen_offset += L
         return channels_to_tokens(y, self.out_proj.weight, self.out_proj.bias)  # (B, L, D)
 
-    def step(self, hidden: Tensor, cache: MambaLayerCache) -> Tensor:
-        """One token: hidden (B, D) -> (B, D), updating `cache` in O(1) time and memory.
+    def step(self, hidden: Tensor, cache: MambaLayerCache, backend: str = "auto") -> Tensor:
+        """One token: hidden (B, D) -> (B, D), updating `cache` in place in O(1) time and memory.
 
         h = exp(Delta A) h + Delta B x;  y = C h + D x;  y *= SiLU(z).
+        The conv and the SSM step are one fused kernel each (`ssmlab.core.decode_step`);
+        `backend` picks theirs: 'ref' runs them as plain PyTorch ops (the unfused
+        step; differentiable), 'auto' the native kernels when nothing needs gradients.
         """
+        from ssmlab.core.decode_step import causal_conv1d_update, selective_state_update
+
         cfg = self.cfg
         R, N = cfg.dt_rank, cfg.d_state
         xz = self.in_proj(hidden)
         x, z = xz.chunk(2, dim=-1) if cfg.gated else (xz, None)  # (B, ED) each
-        conv_state = torch.roll(cache.conv_state, shifts=-1, dims=-1)  # drop the oldest input
-        conv_state[..., -1] = x.to(conv_state.dtype)
-        cache.conv_state = conv_state
-        x = (conv_state * self.conv1d.weight[:, 0, :].to(conv_state.dtype)).sum(-1)  # (B, ED)
-        if self.conv1d.bias is not None:
-            x = x + self.conv1d.bias.to(x.dtype)
-        x = F.silu(x).to(hidden.dtype)
+        x = causal_conv1d_update(cache.conv_state, x, self.conv1d.weight[:, 0, :], self.conv1d.bias,
+                                 backend=backend)  # SiLU(conv): (B, ED)
         dt, B, C = self.x_proj(x).split([R, N, N], dim=-1)  # (B, R), (B, N), (B, N)
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (B, ED)
-        dA = torch.exp(delta.unsqueeze(-1) * self.A())  # (B, ED, N)
-        dBx = delta.unsqueeze(-1) * B.float().unsqueeze(1) * x.float().unsqueeze(-1)  # (B, ED, N)
-        cache.ssm_state = cache.ssm_state * dA + dBx
-        y = (cache.ssm_state @ C.float().unsqueeze(-1)).squeeze(-1) + self.D.float() * x.float()  # (B, ED)
-        if z is not None:
-            y = y * F.silu(z.float())
+        dt = F.linear(dt, self.dt_proj.weight)  # (B, ED); the bias (in fp32) and softplus inside the update
+        y = selective_state_update(cache.ssm_state, x, dt, self.A(), B, C, self.D.float(), z,
+                                   self.dt_proj.bias.float(), True, backend=backend)  # (B, ED)
         cache.seqlen_offset += 1
         return self.out_proj(y.to(hidden.dtype))
 

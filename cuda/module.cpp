@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "ssmlab/decode_step.h"
 #include "ssmlab/linear_scan.h"
 #include "ssmlab/selective_scan.h"
 
@@ -160,6 +161,80 @@ void bind_selective_scan(py::module_& m) {
   m.def("selective_scan_bwd_workspace_bytes_cuda", &selective_scan_bwd_workspace_bytes_cuda);
 #endif
 }
+
+// Dtype fields cross as their integer codes.
+template <typename T>
+void dtype_field(py::class_<T>& cls, const char* name, DType T::*field) {
+  cls.def_property(
+      name, [field](const T& p) { return int(p.*field); }, [field](T& p, int d) { p.*field = DType(d); });
+}
+
+void bind_decode_step(py::module_& m) {
+  {
+    using P = CausalConv1dUpdateParams;
+    py::class_<P> cls(m, "CausalConv1dUpdateParams");
+    cls.def(py::init<>())
+        .def_readwrite("batch", &P::batch)
+        .def_readwrite("channels", &P::channels)
+        .def_readwrite("width", &P::width)
+        .def_readwrite("silu", &P::silu)
+        .def_readwrite("bias_stride", &P::bias_stride)
+        .def_readwrite("stream", &P::stream);
+    dtype_field(cls, "state_dtype", &P::state_dtype);
+    dtype_field(cls, "x_dtype", &P::x_dtype);
+    dtype_field(cls, "weight_dtype", &P::weight_dtype);
+    dtype_field(cls, "bias_dtype", &P::bias_dtype);
+    SSMLAB_STRIDE(cls, P, state_stride);
+    SSMLAB_STRIDE(cls, P, x_stride);
+    SSMLAB_STRIDE(cls, P, weight_stride);
+    pointer_field(cls, "state", &P::state);
+    pointer_field(cls, "x", &P::x);
+    pointer_field(cls, "weight", &P::weight);
+    pointer_field(cls, "bias", &P::bias);
+    pointer_field(cls, "out", &P::out);
+  }
+  {
+    using P = SelectiveStateUpdateParams;
+    py::class_<P> cls(m, "SelectiveStateUpdateParams");
+    cls.def(py::init<>())
+        .def_readwrite("batch", &P::batch)
+        .def_readwrite("dim", &P::dim)
+        .def_readwrite("dstate", &P::dstate)
+        .def_readwrite("dt_softplus", &P::dt_softplus)
+        .def_readwrite("D_stride", &P::D_stride)
+        .def_readwrite("dt_bias_stride", &P::dt_bias_stride)
+        .def_readwrite("stream", &P::stream);
+    dtype_field(cls, "x_dtype", &P::x_dtype);
+    dtype_field(cls, "dt_dtype", &P::dt_dtype);
+    dtype_field(cls, "z_dtype", &P::z_dtype);
+    dtype_field(cls, "B_dtype", &P::B_dtype);
+    dtype_field(cls, "C_dtype", &P::C_dtype);
+    SSMLAB_STRIDE(cls, P, state_stride);
+    SSMLAB_STRIDE(cls, P, A_stride);
+    SSMLAB_STRIDE(cls, P, x_stride);
+    SSMLAB_STRIDE(cls, P, dt_stride);
+    SSMLAB_STRIDE(cls, P, z_stride);
+    SSMLAB_STRIDE(cls, P, B_stride);
+    SSMLAB_STRIDE(cls, P, C_stride);
+    pointer_field(cls, "state", &P::state);
+    pointer_field(cls, "x", &P::x);
+    pointer_field(cls, "dt", &P::dt);
+    pointer_field(cls, "z", &P::z);
+    pointer_field(cls, "A", &P::A);
+    pointer_field(cls, "B", &P::B);
+    pointer_field(cls, "C", &P::C);
+    pointer_field(cls, "D", &P::D);
+    pointer_field(cls, "dt_bias", &P::dt_bias);
+    pointer_field(cls, "out", &P::out);
+  }
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("causal_conv1d_update_cpu", &causal_conv1d_update_cpu, nogil);
+  m.def("selective_state_update_cpu", &selective_state_update_cpu, nogil);
+#ifdef SSMLAB_WITH_CUDA
+  m.def("causal_conv1d_update_cuda", &causal_conv1d_update_cuda, nogil);
+  m.def("selective_state_update_cuda", &selective_state_update_cuda, nogil);
+#endif
+}
 #undef SSMLAB_STRIDE
 
 }  // namespace
@@ -194,4 +269,5 @@ PYBIND11_MODULE(_native, m) {
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices visible to the native module (0 without a GPU).");
   bind_linear_scan(m);
   bind_selective_scan(m);
+  bind_decode_step(m);
 }

@@ -179,10 +179,12 @@ class StaticMambaStep:
 
     A Mamba layer's state has a fixed shape, so one step is a fixed sequence of
     kernels: capturing it removes the per-kernel launch cost that dominates
-    small steps. The state lives in static tensors; every step copies the new
-    state back into them (inside the graph). The Transformer's KV cache grows
-    by one position per step, so its step cannot be captured this simply.
-    Without `capture` (CPU, tests) the same buffer logic runs eagerly.
+    small steps. `Mamba.step` updates each layer's cache tensors in place (the
+    fused decoding kernels of `ssmlab.core.decode_step`), so the tensors
+    allocated here are the state from one replay to the next. The
+    Transformer's KV cache grows by one position per step, so its step cannot
+    be captured this simply. Without `capture` (CPU, tests) the same buffer
+    logic runs eagerly.
     """
 
     def __init__(self, model: MambaLMHeadModel, batch: int, capture: bool):
@@ -203,12 +205,11 @@ class StaticMambaStep:
                 self.logits = self._run()
 
     def _run(self) -> torch.Tensor:
-        for c, (conv, ssm) in zip(self.caches, self.static):
-            c.conv_state, c.ssm_state = conv, ssm
         logits = self.model.step(self.token, self.caches)
-        for c, (conv, ssm) in zip(self.caches, self.static):
-            conv.copy_(c.conv_state)
-            ssm.copy_(c.ssm_state)
+        # A step that rebound a cache tensor instead of writing into it would be
+        # replayed from stale buffers; the check is Python only (not captured).
+        if any(c.conv_state is not conv or c.ssm_state is not ssm for c, (conv, ssm) in zip(self.caches, self.static)):
+            raise RuntimeError("StaticMambaStep: model.step replaced a cache tensor instead of updating it in place")
         return logits
 
     def load(self, caches) -> None:
