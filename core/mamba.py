@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssmlab.core.causal_conv import causal_conv1d
 from ssmlab.core.channel_major import channel_mix, channels_to_tokens, tokens_to_channels
 
 
@@ -250,15 +251,14 @@ class Mamba(nn.Module):
             x, z = tokens_to_channels(hidden, self.in_proj.weight, self.in_proj.bias, split=[ED, ED])
         else:
             x, z = tokens_to_channels(hidden, self.in_proj.weight, self.in_proj.bias), None
-        if cache is None:
-            x = self.conv1d(x)[..., :L]  # causal: left padding K-1, keep the first L outputs
+        if cache is None:  # SiLU(causal depthwise conv) in one fused pass (core/causal_conv.py)
+            x = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias)
             initial_state = None
         else:  # prepend the last K-1 inputs seen (zeros at the start): chunked prefill is exact
             x_ext = torch.cat([cache.conv_state[..., 1:].to(x.dtype), x], dim=-1)  # (B, ED, L + K - 1)
             cache.conv_state = x_ext[..., -K:].to(cache.conv_state.dtype).clone()
-            x = F.conv1d(x_ext, self.conv1d.weight, self.conv1d.bias, groups=ED)  # (B, ED, L)
+            x = F.silu(F.conv1d(x_ext, self.conv1d.weight, self.conv1d.bias, groups=ED))  # (B, ED, L)
             initial_state = cache.ssm_state if cache.seqlen_offset > 0 else None
-        x = F.silu(x)
         x_dbl = channel_mix(self.x_proj.weight, x)  # (B, R + 2N, L)
         dt = channel_mix(self.dt_proj.weight, x_dbl[:, :R])  # (B, ED, L); bias added (in fp32) inside the scan
         B, C = x_dbl[:, R:R + N], x_dbl[:, R + N:]  # (B, N, L) views: the scan reads them in place

@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "ssmlab/causal_conv1d.h"
 #include "ssmlab/decode_step.h"
 #include "ssmlab/linear_scan.h"
 #include "ssmlab/selective_scan.h"
@@ -235,6 +236,34 @@ void bind_decode_step(py::module_& m) {
   m.def("selective_state_update_cuda", &selective_state_update_cuda, nogil);
 #endif
 }
+void bind_causal_conv1d(py::module_& m) {
+  using P = CausalConv1dParams;
+  py::class_<P> cls(m, "CausalConv1dParams");
+  cls.def(py::init<>())
+      .def_readwrite("batch", &P::batch)
+      .def_readwrite("channels", &P::channels)
+      .def_readwrite("length", &P::length)
+      .def_readwrite("width", &P::width)
+      .def_readwrite("silu", &P::silu)
+      .def_readwrite("stream", &P::stream);
+  dtype_field(cls, "dtype", &P::dtype);
+  SSMLAB_STRIDE(cls, P, x_stride);
+  pointer_field(cls, "x", &P::x);
+  pointer_field(cls, "weight", &P::weight);
+  pointer_field(cls, "bias", &P::bias);
+  pointer_field(cls, "out", &P::out);
+  pointer_field(cls, "grad_out", &P::grad_out);
+  pointer_field(cls, "grad_x", &P::grad_x);
+  pointer_field(cls, "grad_weight_partial", &P::grad_weight_partial);
+  pointer_field(cls, "grad_bias_partial", &P::grad_bias_partial);
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("causal_conv1d_fwd_cpu", &causal_conv1d_fwd_cpu, nogil);
+  m.def("causal_conv1d_bwd_cpu", &causal_conv1d_bwd_cpu, nogil);
+#ifdef SSMLAB_WITH_CUDA
+  m.def("causal_conv1d_fwd_cuda", &causal_conv1d_fwd_cuda, nogil);
+  m.def("causal_conv1d_bwd_cuda", &causal_conv1d_bwd_cuda, nogil);
+#endif
+}
 #undef SSMLAB_STRIDE
 
 }  // namespace
@@ -270,4 +299,5 @@ PYBIND11_MODULE(_native, m) {
   bind_linear_scan(m);
   bind_selective_scan(m);
   bind_decode_step(m);
+  bind_causal_conv1d(m);
 }
