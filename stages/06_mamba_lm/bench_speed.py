@@ -187,6 +187,7 @@ class StaticMambaStep:
     logic runs eagerly.
     """
 
+    @torch.no_grad()  # captured with autograd on, the step would record graph nodes and take the unfused path
     def __init__(self, model: MambaLMHeadModel, batch: int, capture: bool):
         self.model = model
         self.caches = model.allocate_cache(batch)
@@ -218,6 +219,7 @@ class StaticMambaStep:
             conv.copy_(c.conv_state)
             ssm.copy_(c.ssm_state)
 
+    @torch.no_grad()
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         self.token.copy_(token)
         if self.graph is None:
@@ -502,6 +504,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--no-graph", action="store_true",
                    help="gen: skip the extra Mamba rows that decode through a CUDA graph (they run on CUDA only)")
+    p.add_argument("--graph-only", action="store_true",
+                   help="gen: time Mamba's decoding only through the CUDA graph (skip its slow eager rows)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--mem-lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
     p.add_argument("--compile", action="store_true",
@@ -551,9 +555,11 @@ def main(argv=None) -> dict:
                     new += bench_train(name, mcfg, args.lengths, args.tokens_per_step, device, timer, args.warmup,
                                        args.repeats, log, compile=True)
             elif section == "gen":
-                new += bench_gen(name, mcfg, args.gen_batches, args.prompt_len, args.new_tokens, device, timer,
-                                 args.gen_warmup, args.gen_repeats, log)
-                if name == "mamba" and device.type == "cuda" and not args.no_graph:
+                graph = name == "mamba" and device.type == "cuda" and not args.no_graph
+                if not (graph and args.graph_only):
+                    new += bench_gen(name, mcfg, args.gen_batches, args.prompt_len, args.new_tokens, device, timer,
+                                     args.gen_warmup, args.gen_repeats, log)
+                if graph:
                     new += bench_gen(name, mcfg, args.gen_batches, args.prompt_len, args.new_tokens, device, timer,
                                      args.gen_warmup, args.gen_repeats, log, graph=True)
             else:

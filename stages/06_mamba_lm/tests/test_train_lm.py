@@ -194,6 +194,9 @@ def test_static_mamba_step_decodes_like_the_eager_loop():
     for _ in range(2):  # reusable: a second generation starts again from its own prefill
         ids, _ = bench.greedy_generate(model, prompt, 6, 30, 13, static)
         assert torch.equal(ids, eager)
+    # built and called with autograd on, as bench_gen does: the step must still record no graph
+    # (a recorded graph would also send 'auto' dispatch to the unfused reference path)
+    assert not static(prompt[:, 0]).requires_grad
     seq = prompt
     for _ in range(6):  # and greedy decoding equals the argmax of the full forward pass
         seq = torch.cat([seq, model(seq)[:, -1, :30].argmax(-1, keepdim=True)], 1)
