@@ -15,10 +15,12 @@ with every token; this one never does.
 (nucleus) sampling. Logits beyond ``config.vocab_size`` (the padding of the
 vocabulary) are never sampled.
 
-On GPU the single step is a handful of small kernels per layer; wrapping
-`model.step` in ``torch.compile`` (``compile_step=True``) fuses them and pays
-once many tokens are generated. The recurrence itself is the same PyTorch code
-on every device.
+A step is four small matrix products and two fused kernels per layer
+(`ssmlab.core.decode_step`: the conv-window update with SiLU, and the
+selective state update; C++ on CPU, CUDA on GPU, the plain PyTorch twins
+where neither is built). At small batch the cost is kernel launches, so on
+GPU the step pays to be replayed from a CUDA graph (as `stages/06_mamba_lm/
+bench_speed.py` does) or compiled (``compile_step=True``).
 """
 
 from __future__ import annotations
