@@ -306,9 +306,7 @@ def train_distributed(model: nn.Module, loss_fn: Callable, data: Any, cfg: Train
             on_step(step, record)
         if cfg.time_limit_s > 0 and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
             # rank 0's clock decides for everyone, so that all ranks stop at the same step
-            flag = torch.tensor([float(time.perf_counter() - t0 >= cfg.time_limit_s)], device=_collective_device(env))
-            dist.broadcast(flag, src=0)
-            if flag.item() > 0:
+            if broadcast_flag(time.perf_counter() - t0 >= cfg.time_limit_s, env):
                 raise _OutOfTime(step)
 
     try:
@@ -338,6 +336,19 @@ def _collective_device(env: DistEnv) -> str:
     return env.device if env.backend == "nccl" else "cpu"
 
 
+def broadcast_flag(flag: bool, env: DistEnv) -> bool:
+    """Rank 0's `flag`, on every rank (the others' `flag` is ignored).
+
+    For a choice that only rank 0 can make (its clock, the files it alone
+    writes) but that every rank must follow, e.g. whether to enter a collective.
+    """
+    if not env.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=_collective_device(env))
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def sharded_mean(values_fn: Callable[[int, int], tuple[float, int]], env: DistEnv) -> float:
     """A mean over a data set split across ranks.
 
@@ -351,7 +362,7 @@ def sharded_mean(values_fn: Callable[[int, int], tuple[float, int]], env: DistEn
 
 
 __all__ = [
-    "DDPModel", "DistEnv", "ShardedBatches", "all_reduce_mean", "all_reduce_sum", "barrier", "env_from_variables",
-    "global_loss_fn", "print0", "rank_config", "setup", "shard", "sharded_mean", "teardown", "train_distributed",
-    "unwrap", "wrap_model",
+    "DDPModel", "DistEnv", "ShardedBatches", "all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_flag",
+    "env_from_variables", "global_loss_fn", "print0", "rank_config", "setup", "shard", "sharded_mean", "teardown",
+    "train_distributed", "unwrap", "wrap_model",
 ]

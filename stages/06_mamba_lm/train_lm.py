@@ -213,15 +213,19 @@ def run_model(name: str, args, corpus, env) -> dict:
     timer = StepTimer(tcfg)
     result = dist_.train_distributed(model, lm_loss(corpus.V), data, tcfg, env, eval_fn=eval_fn, on_step=timer)
     bare = dist_.unwrap(model)
+    evals = [r for r in read_log(out / LOG_NAME) if r["kind"] == "eval"] if env.is_main else []
+    # A run stopped before its first validation is validated here. eval_fn is collective (sharded_mean):
+    # every rank must call it, and only rank 0 has the log that says whether it is needed.
+    validate_now = dist_.broadcast_flag(not evals, env)
+    # With an EMA, the averaged weights are the ones validated, hence the ones saved.
+    with result.ema.swapped_in(bare) if result.ema is not None else contextlib.nullcontext():
+        if env.is_main:
+            save_for_generation(out / "model", name, bare, cfg, corpus, level)
+        fresh = eval_fn(bare) if validate_now else None
     summary = {}
     if env.is_main:
         previous = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else {}
-        log = read_log(out / LOG_NAME)
-        evals = [r for r in log if r["kind"] == "eval"]
-        # With an EMA, the averaged weights are the ones validated, hence the ones saved.
-        with result.ema.swapped_in(bare) if result.ema is not None else contextlib.nullcontext():
-            save_for_generation(out / "model", name, bare, cfg, corpus, level)
-            last = evals[-1] if evals else eval_fn(bare)
+        last = evals[-1] if evals else fresh
         best = min(evals, key=lambda r: r["val_loss"]) if evals else last
         summary = {
             "model": name, "params": n_params, "config": cfg.to_dict(), "corpus": corpus.describe(),

@@ -3,11 +3,16 @@
 The two-process job is started with torch.multiprocessing (fork), each process
 given the variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT), so `setup()` runs exactly as under torchrun.
+Forking spares each worker torchrun's start-up (a fresh interpreter importing
+torch), and keeps the workers in one process group that a timeout can kill
+(torchrun puts each worker in a session of its own).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,9 +24,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ssmlab.core import distributed as D
+from ssmlab.core.testing import load_script
 from ssmlab.core.training import CHECKPOINT_NAME, LOG_NAME, EpochBatches, TrainConfig, train
 from ssmlab.core.transformer import TransformerConfig, TransformerLM
 
+STAGE = Path(__file__).resolve().parents[1]
 WORLD = 2
 GLOBAL_BATCH = 8  # rows per micro-batch over all ranks
 STEPS = 4
@@ -60,12 +67,15 @@ def _losses(out_dir) -> list[float]:
     return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
-def _worker(rank: int, port: int, root: str) -> None:
-    import os
-
+def _as_rank(rank: int, port: int) -> None:
+    """This process becomes rank `rank` of a WORLD-process job, as torchrun would make it."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, port: int, root: str) -> None:
+    _as_rank(rank, port)
     env = D.setup("cpu")
     assert env.world_size == WORLD and env.backend == "gloo" and env.rank == rank
     root = Path(root)
@@ -102,18 +112,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
+def _run_workers(worker: str, args: tuple, timeout: float) -> None:
+    """Run `worker(rank, port, *args)` in WORLD processes; a hang fails the test after `timeout` s."""
     # Fork from a fresh interpreter: forking this process is unsafe once it has
     # run autograd on a GPU (autograd's device threads do not survive a fork).
     code = (
         "import importlib.util, torch.multiprocessing as mp\n"
         f"spec = importlib.util.spec_from_file_location('ddp_workers', {__file__!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        f"mp.start_processes(m._worker, args=(m._free_port(), {str(root)!r}), nprocs=m.WORLD, start_method='fork', join=True)\n"
+        f"mp.start_processes(m.{worker}, args=(m._free_port(), *{args!r}), nprocs=m.WORLD, start_method='fork', join=True)\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+    # A session of its own, so that a timeout kills the workers too and not only their parent.
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"{worker}: the {WORLD} processes were still running after {timeout} s (a collective that not "
+                    f"every rank entered?)\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    _run_workers("_worker", (str(root),), timeout=600)
     return root
 
 
@@ -168,6 +193,40 @@ def test_ddp_checkpoint_loads_into_one_process(ddp_run, tmp_path):
     (tmp_path / CHECKPOINT_NAME).write_bytes(ckpt.read_bytes())
     res = train(model, _loss, _data(), cfg)
     assert res.resumed_from == STEPS and res.step == STEPS + 1
+
+
+def _lm_args(text: Path, out: Path) -> list[str]:
+    """A train_lm.py run whose time limit is spent before training starts.
+
+    Under DDP the limit is looked at on checkpoint steps only, so the run stops
+    at step 1 for certain, and before its first validation (step 4).
+    """
+    return ["--text", str(text), "--out", str(out), "--model", "transformer", "--size", "test", "--seq-len", "16",
+            "--batch-size", "4", "--steps", "4", "--warmup", "1", "--eval-every", "4", "--eval-windows", "4",
+            "--ckpt-every", "1", "--time-limit-min", "1e-6", "--device", "cpu", "--no-progress"]
+
+
+def _lm_worker(rank: int, port: int, argv: list[str]) -> None:
+    _as_rank(rank, port)
+    load_script(STAGE / "train_lm.py").main(argv)
+
+
+@pytest.mark.slow
+def test_train_lm_stopped_before_its_first_validation(tmp_path):
+    """The validation that a run stopped before its first one gets after training is joined by every rank.
+
+    It is collective (`sharded_mean`); when rank 0 alone entered it, rank 0
+    waited in its all-reduce for ranks gone on to the teardown barrier: a hang.
+    """
+    text = tmp_path / "play.txt"
+    text.write_text("KING:\nthe noble lord speaks to his queen of love and death.\n" * 60, encoding="utf-8")
+    _run_workers("_lm_worker", (_lm_args(text, tmp_path / "ddp"),), timeout=120)
+    res = json.loads((tmp_path / "ddp" / "transformer" / "result.json").read_text())
+    assert res["world_size"] == WORLD and res["steps"] == 1 and not res["finished"]
+    assert res["best_val_step"] is None  # validated after training, not during it
+    one = load_script(STAGE / "train_lm.py").main(_lm_args(text, tmp_path / "one"))["transformer"]
+    assert one["steps"] == 1 and one["best_val_step"] is None
+    assert res["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5), "the ranks validated different weights"
 
 
 def test_shard_and_env_errors():
