@@ -221,7 +221,13 @@ def run_model(name: str, args, corpus, env) -> dict:
     with result.ema.swapped_in(bare) if result.ema is not None else contextlib.nullcontext():
         if env.is_main:
             save_for_generation(out / "model", name, bare, cfg, corpus, level)
-        fresh = eval_fn(bare) if validate_now else None
+        fresh = None
+        if validate_now:  # as train() validates: eval mode (no dropout), no autograd, the run's autocast
+            amp = tcfg.autocast_dtype()
+            autocast = torch.autocast(torch.device(env.device).type, dtype=amp) if amp else contextlib.nullcontext()
+            bare.eval()
+            with torch.no_grad(), autocast:
+                fresh = eval_fn(bare)
     summary = {}
     if env.is_main:
         previous = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else {}

@@ -143,6 +143,28 @@ def test_time_limit_stops_at_a_checkpoint_and_the_rerun_finishes(text_file, tmp_
     assert exit_info.value.code == train_lm.EXIT_UNFINISHED
 
 
+def test_validation_after_an_early_stop_runs_in_eval_mode(text_file, tmp_path, monkeypatch):
+    """A run stopped before its first validation is validated afterwards, like train() does: no dropout, no grad."""
+    train_lm = _script("train_lm")
+    seen = []
+    make = train_lm.make_eval_fn
+
+    def spying_make(*a, **k):
+        inner = make(*a, **k)
+
+        def eval_fn(model):
+            seen.append((model.training, torch.is_grad_enabled()))
+            return inner(model)
+        return eval_fn
+
+    monkeypatch.setattr(train_lm, "make_eval_fn", spying_make)
+    args = ["--text", str(text_file), "--out", str(tmp_path / "early"), "--model", "mamba", *SHORT,
+            "--dropout", "0.5", "--time-limit-min", "1e-6"]
+    first = train_lm.main(args)["mamba"]
+    assert not first["finished"] and first["steps"] == 1 and first["best_val_step"] is None
+    assert seen and all(mode == (False, False) for mode in seen)
+
+
 @pytest.mark.slow
 def test_bench_speed_quick(tmp_path):
     """bench_speed.py's CPU smoke mode: every section runs, merges with earlier runs, writes table, JSON and PNGs."""
