@@ -76,17 +76,7 @@ def _params(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool):
     p.x, p.x_stride = x.data_ptr(), (int(x.stride(0)), int(x.stride(1)))
     p.weight = weight.data_ptr()
     p.bias = 0 if bias is None else bias.data_ptr()
-    if x.is_cuda:
-        p.stream = torch.cuda.current_stream(x.device).cuda_stream
     return p
-
-
-def _call(fn, device: torch.device, p) -> None:
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            fn(p)
-    else:
-        fn(p)
 
 
 @torch.library.custom_op("ssmlab::causal_conv1d_fwd", mutates_args=())
@@ -95,7 +85,7 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Te
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     p = _params(x, weight, bias, silu)
     p.out = out.data_ptr()
-    _call(_native_fn("fwd", x.device), x.device, p)
+    native.run_kernel(_native_fn("fwd", x.device), x.device, p)
     return out
 
 
@@ -117,7 +107,7 @@ def _bwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, grad_
     p = _params(x, weight, bias, silu)
     p.grad_out, p.grad_x, p.grad_weight_partial = grad_out.data_ptr(), grad_x.data_ptr(), gw.data_ptr()
     p.grad_bias_partial = 0 if bias is None else gb.data_ptr()
-    _call(_native_fn("bwd", x.device), x.device, p)
+    native.run_kernel(_native_fn("bwd", x.device), x.device, p)
     # the partials in index order: a fixed-order sum, so repeated runs agree bitwise
     return grad_x, gw.sum(0), gb.sum(0) if bias is not None else gb
 

@@ -273,16 +273,7 @@ _CODE = native.DTYPE_CODES
 
 
 def _launch(name: str, x: Tensor, p) -> None:
-    fn = _native_fn(name, x.device)
-    if not x.is_cuda:
-        fn(p)
-        return
-    p.stream = torch.cuda.current_stream(x.device).cuda_stream  # the capture stream inside a CUDA graph
-    if x.device.index == torch.cuda.current_device():
-        fn(p)
-    else:
-        with torch.cuda.device(x.device):
-            fn(p)
+    native.run_kernel(_native_fn(name, x.device), x.device, p)
 
 
 def _conv_native(conv_state: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:

@@ -133,3 +133,21 @@ def backend_for(device: torch.device, requested: str = "auto") -> str:
     if requested in ("cpu", "cuda") and device.type != requested:
         raise ValueError(f"backend {requested!r} cannot run on tensors on {device}")
     return requested
+
+
+def run_kernel(fn, device: torch.device, p) -> None:
+    """Call the native kernel `fn` with its parameter struct `p` for tensors on `device`.
+
+    CUDA kernels are enqueued on PyTorch's current stream of that device (the
+    capture stream inside a CUDA graph), with that device current; switching
+    devices only when needed keeps this cheap enough for one-token decoding.
+    """
+    if device.type != "cuda":
+        fn(p)
+        return
+    p.stream = torch.cuda.current_stream(device).cuda_stream
+    if device.index is None or device.index == torch.cuda.current_device():
+        fn(p)
+    else:
+        with torch.cuda.device(device):
+            fn(p)

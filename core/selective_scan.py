@@ -322,17 +322,7 @@ def _params(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus):
     p.D = 0 if D is None else D.data_ptr()
     p.delta_bias = 0 if delta_bias is None else delta_bias.data_ptr()
     p.h0 = 0 if h0 is None else h0.data_ptr()
-    if u.is_cuda:
-        p.stream = torch.cuda.current_stream(u.device).cuda_stream
     return p
-
-
-def _call(fn, device: torch.device, p) -> None:
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            fn(p)
-    else:
-        fn(p)
 
 
 def _n_chunks(u: Tensor) -> int:
@@ -354,7 +344,7 @@ def _fwd_op(
     p = _params(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
     p.out, p.out_stride = out.data_ptr(), _strides(out, 2)
     p.last_state, p.chunk_states = last.data_ptr(), states.data_ptr()
-    _call(_native_fn("fwd", u.device), u.device, p)
+    native.run_kernel(_native_fn("fwd", u.device), u.device, p)
     return out, last, states
 
 
@@ -398,7 +388,7 @@ def _bwd_op(
     nbytes = int(_native_fn("bwd_workspace_bytes", u.device)(p))
     workspace = u.new_empty((nbytes,), dtype=torch.uint8)
     p.workspace = workspace.data_ptr()
-    _call(_native_fn("bwd", u.device), u.device, p)
+    native.run_kernel(_native_fn("bwd", u.device), u.device, p)
     return grads
 
 

@@ -14,26 +14,6 @@
 namespace ssmlab {
 namespace {
 
-float load(const void* p, DType d, int64_t i) {
-  switch (d) {
-    case DType::kFloat16: return half_to_float(static_cast<const Half*>(p)[i].bits);
-    case DType::kBFloat16: return bf16_to_float(static_cast<const BFloat16*>(p)[i].bits);
-    case DType::kFloat64: return float(static_cast<const double*>(p)[i]);
-    case DType::kFloat32: break;
-  }
-  return static_cast<const float*>(p)[i];
-}
-
-void store(void* p, DType d, int64_t i, float v) {
-  switch (d) {
-    case DType::kFloat16: static_cast<Half*>(p)[i].bits = float_to_half(v); return;
-    case DType::kBFloat16: static_cast<BFloat16*>(p)[i].bits = float_to_bf16(v); return;
-    case DType::kFloat64: static_cast<double*>(p)[i] = v; return;
-    case DType::kFloat32: break;
-  }
-  static_cast<float*>(p)[i] = v;
-}
-
 void check(const CausalConv1dParams& p) {
   if (p.width < 1 || p.width > kConvMaxWidth)
     throw std::invalid_argument("causal_conv1d: width " + std::to_string(p.width) + " outside [1, " +
@@ -45,7 +25,7 @@ void check(const CausalConv1dParams& p) {
 void load_row(const CausalConv1dParams& p, int64_t b, int64_t c, std::vector<float>& xp) {
   const int64_t L = p.length, K = p.width, base = b * p.x_stride[0] + c * p.x_stride[1];
   xp.assign(L + K - 1, 0.0f);
-  for (int64_t t = 0; t < L; ++t) xp[K - 1 + t] = load(p.x, p.dtype, base + t);
+  for (int64_t t = 0; t < L; ++t) xp[K - 1 + t] = load_float(p.x, p.dtype, base + t);
 }
 
 float silu_grad(float pre) {
@@ -72,7 +52,7 @@ void causal_conv1d_fwd_cpu(const CausalConv1dParams& p) {
         for (int64_t k = 0; k < K; ++k) acc += w[k] * xp[t + k];
         row[t] = p.silu ? acc / (1.0f + std::exp(-acc)) : acc;
       }
-      for (int64_t t = 0; t < L; ++t) store(p.out, p.dtype, r * L + t, row[t]);
+      for (int64_t t = 0; t < L; ++t) store_float(p.out, p.dtype, r * L + t, row[t]);
     }
   }
 }
@@ -91,7 +71,7 @@ void causal_conv1d_bwd_cpu(const CausalConv1dParams& p) {
       const float bias = p.bias ? p.bias[c] : 0.0f;
       // gp[t] for t < L, then K-1 trailing zeros so grad_x needs no boundary test
       for (int64_t t = 0; t < L; ++t) {
-        const float g = load(p.grad_out, p.dtype, r * L + t);
+        const float g = load_float(p.grad_out, p.dtype, r * L + t);
         if (p.silu) {
           float pre = bias;
           for (int64_t k = 0; k < K; ++k) pre += w[k] * xp[t + k];
@@ -104,7 +84,7 @@ void causal_conv1d_bwd_cpu(const CausalConv1dParams& p) {
       for (int64_t t = 0; t < L; ++t) {
         float acc = 0.0f;
         for (int64_t k = 0; k < K; ++k) acc += w[k] * gp[t + (K - 1) - k];
-        store(p.grad_x, p.dtype, r * L + t, acc);
+        store_float(p.grad_x, p.dtype, r * L + t, acc);
       }
       for (int64_t ch = 0; ch < nch; ++ch) {
         const int64_t t0 = ch * kConvChunk, t1 = std::min(L, t0 + kConvChunk), part = b * nch + ch;

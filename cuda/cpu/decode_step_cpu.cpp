@@ -37,28 +37,6 @@ void require_kernel_dtype(DType d, const char* fn, const char* name) {
                                 dtype_name(d));
 }
 
-// Each activation has its own dtype, a run-time value: these loads and stores
-// sit outside the vector loops.
-inline float load(const void* p, DType d, int64_t i) {
-  switch (d) {
-    case DType::kFloat16: return half_to_float(static_cast<const Half*>(p)[i].bits);
-    case DType::kBFloat16: return bf16_to_float(static_cast<const BFloat16*>(p)[i].bits);
-    case DType::kFloat64: return float(static_cast<const double*>(p)[i]);
-    case DType::kFloat32: break;
-  }
-  return static_cast<const float*>(p)[i];
-}
-
-inline void store(void* p, DType d, int64_t i, float v) {
-  switch (d) {
-    case DType::kFloat16: static_cast<Half*>(p)[i].bits = float_to_half(v); return;
-    case DType::kBFloat16: static_cast<BFloat16*>(p)[i].bits = float_to_bf16(v); return;
-    case DType::kFloat64: static_cast<double*>(p)[i] = v; return;
-    case DType::kFloat32: break;
-  }
-  static_cast<float*>(p)[i] = v;
-}
-
 // m ? a : b on the bit patterns. GCC keeps a float `?:` as a branch (a
 // comparison may trap under its default -ftrapping-math), which stops a loop
 // from vectorising; this form compiles to and/andnot/or.
@@ -133,8 +111,8 @@ void conv_update(const CausalConv1dUpdateParams& p) {
       for (int64_t t = 0; t < nc; ++t) {
         const int64_t ci = c0 + t;
         for (int64_t k = 0; k < K; ++k)
-          w[t * K + k] = load(p.weight, p.weight_dtype, ci * p.weight_stride[0] + k * p.weight_stride[1]);
-        if (p.bias) bias[t] = load(p.bias, p.bias_dtype, ci * p.bias_stride);
+          w[t * K + k] = load_float(p.weight, p.weight_dtype, ci * p.weight_stride[0] + k * p.weight_stride[1]);
+        if (p.bias) bias[t] = load_float(p.bias, p.bias_dtype, ci * p.bias_stride);
       }
       for (int64_t bi = 0; bi < p.batch; ++bi) {
         float acc[kTile] = {};
@@ -151,12 +129,12 @@ void conv_update(const CausalConv1dUpdateParams& p) {
           // ...then append x and read it back, so that a 16-bit state gives the
           // conv the same rounded input now as in the K - 1 steps to come.
           T* last = &row[(K - 1) * sk];
-          E::store(last, load(p.x, p.x_dtype, bi * p.x_stride[0] + ci * p.x_stride[1]));
+          E::store(last, load_float(p.x, p.x_dtype, bi * p.x_stride[0] + ci * p.x_stride[1]));
           acc[t] = sum + E::load(last) * wt[K - 1];
         }
         if (p.silu)
           for (int64_t t = 0; t < kTile; ++t) acc[t] = silu(acc[t]);
-        for (int64_t t = 0; t < nc; ++t) store(p.out, p.x_dtype, bi * C + c0 + t, acc[t]);
+        for (int64_t t = 0; t < nc; ++t) store_float(p.out, p.x_dtype, bi * C + c0 + t, acc[t]);
       }
     }
   }
@@ -174,17 +152,17 @@ void ssm_task(const SelectiveStateUpdateParams& p, int64_t bi, int64_t c0, float
   float* a = c + Np;
   float* h = a + Np;
   for (int64_t n = 0; n < N; ++n) {
-    b[n] = load(p.B, p.B_dtype, bi * p.B_stride[0] + n * p.B_stride[1]);
-    c[n] = load(p.C, p.C_dtype, bi * p.C_stride[0] + n * p.C_stride[1]);
+    b[n] = load_float(p.B, p.B_dtype, bi * p.B_stride[0] + n * p.B_stride[1]);
+    c[n] = load_float(p.C, p.C_dtype, bi * p.C_stride[0] + n * p.C_stride[1]);
   }
   // The tile's scalars, then their nonlinearities as whole-tile vector loops.
   float xs[kTile] = {}, delta[kTile] = {}, gate[kTile] = {};
   for (int64_t t = 0; t < nc; ++t) {
     const int64_t ci = c0 + t;
-    xs[t] = load(p.x, p.x_dtype, bi * p.x_stride[0] + ci * p.x_stride[1]);
-    delta[t] = load(p.dt, p.dt_dtype, bi * p.dt_stride[0] + ci * p.dt_stride[1]);
+    xs[t] = load_float(p.x, p.x_dtype, bi * p.x_stride[0] + ci * p.x_stride[1]);
+    delta[t] = load_float(p.dt, p.dt_dtype, bi * p.dt_stride[0] + ci * p.dt_stride[1]);
     if (p.dt_bias) delta[t] += p.dt_bias[ci * p.dt_bias_stride];
-    if (p.z) gate[t] = load(p.z, p.z_dtype, bi * p.z_stride[0] + ci * p.z_stride[1]);
+    if (p.z) gate[t] = load_float(p.z, p.z_dtype, bi * p.z_stride[0] + ci * p.z_stride[1]);
   }
   if (p.dt_softplus)
     for (int64_t t = 0; t < kTile; ++t) delta[t] = softplus(delta[t]);
@@ -210,7 +188,7 @@ void ssm_task(const SelectiveStateUpdateParams& p, int64_t bi, int64_t c0, float
     float y = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
     if (p.D) y += p.D[ci * p.D_stride] * xs[t];
     if (p.z) y *= gate[t];
-    store(p.out, p.x_dtype, bi * dim + ci, y);
+    store_float(p.out, p.x_dtype, bi * dim + ci, y);
   }
 }
 

@@ -113,4 +113,26 @@ void dispatch_dtype(DType d, F&& f) {
   throw std::invalid_argument("unsupported dtype code");
 }
 
+// An element whose dtype is a run-time code, as float32 (CPU side). The
+// kernels call these outside their vector loops: one switch per element read.
+inline float load_float(const void* p, DType d, int64_t i) {
+  switch (d) {
+    case DType::kFloat16: return half_to_float(static_cast<const Half*>(p)[i].bits);
+    case DType::kBFloat16: return bf16_to_float(static_cast<const BFloat16*>(p)[i].bits);
+    case DType::kFloat64: return float(static_cast<const double*>(p)[i]);
+    case DType::kFloat32: break;
+  }
+  return static_cast<const float*>(p)[i];
+}
+
+inline void store_float(void* p, DType d, int64_t i, float v) {
+  switch (d) {
+    case DType::kFloat16: static_cast<Half*>(p)[i].bits = float_to_half(v); return;
+    case DType::kBFloat16: static_cast<BFloat16*>(p)[i].bits = float_to_bf16(v); return;
+    case DType::kFloat64: static_cast<double*>(p)[i] = v; return;
+    case DType::kFloat32: break;
+  }
+  static_cast<float*>(p)[i] = v;
+}
+
 }  // namespace ssmlab
