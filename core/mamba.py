@@ -333,14 +333,17 @@ class LTIMixer(nn.Module):
             raise NotImplementedError("the LTI baseline mixer has no cached / recurrent mode")
         from ssmlab.core.s4d import fft_conv
 
-        L = hidden.shape[1]
-        xz = self.in_proj(hidden).transpose(1, 2)
-        x, z = xz.chunk(2, dim=1) if self.cfg.gated else (xz, None)  # (B, ED, L)
-        x = F.silu(self.conv1d(x)[..., :L]).float()
+        L, ED = hidden.shape[1], self.cfg.d_inner
+        # the same channel-major path as Mamba.forward: no transposing copies
+        if self.cfg.gated:
+            x, z = tokens_to_channels(hidden, self.in_proj.weight, self.in_proj.bias, split=[ED, ED])
+        else:
+            x, z = tokens_to_channels(hidden, self.in_proj.weight, self.in_proj.bias), None
+        x = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias).float()  # (B, ED, L)
         y = fft_conv(x, self.kernel(L)[0]) + self.D.float()[:, None] * x  # K: (ED, L)
         if z is not None:
             y = y * F.silu(z.float())
-        return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
+        return channels_to_tokens(y.to(hidden.dtype), self.out_proj.weight, self.out_proj.bias)
 
     def step(self, hidden: Tensor, cache: MambaLayerCache) -> Tensor:
         raise NotImplementedError("the LTI baseline mixer has no cached / recurrent mode")
