@@ -22,6 +22,12 @@ The recipe:
   `random`, and the position of the data stream. A run killed and resumed
   reproduces the losses (and EMA) of an uninterrupted run (tested on CPU in
   stage 06).
+* two hooks for choosing weights by validation: ``on_eval(step, metrics,
+  model)`` runs after each validation, before that step's checkpoint, with
+  the weights the plain metric names describe (the EMA weights when the EMA
+  is on); ``extra_state`` (anything with ``state_dict`` / ``load_state_dict``)
+  is saved in every checkpoint and restored on resume, so what ``on_eval``
+  keeps (the best weights so far) resumes with the run.
 
 API in one screen::
 
@@ -41,6 +47,8 @@ API in one screen::
     result = train(model, loss_fn, batches, cfg, eval_fn=eval_fn)
     result.history        # list of the JSON records written to out_dir/log.jsonl
     # with TrainConfig(ema_decay=0.999, ...): result.ema, and `with result.ema.swapped_in(model): save(model)`
+    # keeping the best weights: train(..., on_eval=best, extra_state=best), best(step, metrics, model)
+    # copying the weights when metrics improve, best.state_dict() / load_state_dict() holding them
 
 Re-running the same command with ``resume=True`` (the default) continues from
 ``out_dir/checkpoint.pt`` when it exists; with ``time_limit_s`` a long run
@@ -76,6 +84,7 @@ from ssmlab.core.checkpoint import atomic_torch_save
 from ssmlab.core.ema import ParamEMA
 
 CHECKPOINT_NAME = "checkpoint.pt"
+EXTRA_STATE_KEY = "extra_state"  # where train() keeps its extra_state in the checkpoint's "extra" dict
 LOG_NAME = "log.jsonl"
 LIVE_SUFFIX = "_live"  # with an EMA, eval metrics of the live weights are logged as name + LIVE_SUFFIX
 
@@ -446,7 +455,8 @@ def _scalar(v: Any) -> Any:
 
 def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
           eval_fn: Optional[Callable[[nn.Module], dict]] = None,
-          on_step: Optional[Callable[[int, dict], None]] = None, ema: Optional[ParamEMA] = None) -> TrainResult:
+          on_step: Optional[Callable[[int, dict], None]] = None, ema: Optional[ParamEMA] = None,
+          on_eval: Optional[Callable[[int, dict, nn.Module], None]] = None, extra_state: Any = None) -> TrainResult:
     """Run the recipe until ``cfg.max_steps`` optimizer steps are done.
 
     loss_fn(model, batch) -> loss or (loss, metrics dict), batch already on the device.
@@ -456,6 +466,12 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
     ema: the weight EMA to update, made by ``make_ema(model, cfg)`` on the model already
     on cfg.device; by default `train` makes it. Pass one to keep hold of it when an
     exception ends `train` (`train_distributed` stops a timed-out run that way).
+    on_eval(step, metrics, model) is called after each validation with the metrics just
+    logged, under no_grad, the model holding the weights that the plain names describe
+    (the EMA weights swapped in when the EMA is on). It runs before the checkpoint of its
+    step, so that checkpoint already holds whatever it changed in `extra_state`.
+    extra_state: an object with state_dict() and load_state_dict(), saved in every checkpoint
+    and restored on resume; a checkpoint without it leaves it as given (with a warning).
     """
     device = torch.device(cfg.device)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
@@ -472,7 +488,13 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
     if ckpt_path is not None and cfg.resume and ckpt_path.exists():
         # Loaded on the CPU: RNG states must stay CPU byte tensors, and load_state_dict
         # moves model, optimizer and EMA tensors to their parameters' device anyway.
-        step = resumed_from = load_checkpoint(ckpt_path, model, optimizer, scheduler, data, ema=ema)["step"]
+        state = load_checkpoint(ckpt_path, model, optimizer, scheduler, data, ema=ema)
+        step = resumed_from = state["step"]
+        if extra_state is not None:
+            if EXTRA_STATE_KEY in (state.get("extra") or {}):
+                extra_state.load_state_dict(state["extra"][EXTRA_STATE_KEY])
+            else:
+                warnings.warn(f"{ckpt_path} holds no extra_state: it stays as given, from step {step} on")
     else:
         seed_everything(cfg.seed)
     amp = cfg.autocast_dtype()
@@ -534,10 +556,16 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
             if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
                 last_eval = evaluate()
                 emit({"kind": "eval", "step": step, **last_eval})
+                if on_eval is not None:
+                    # Swapped in again rather than called inside evaluate(): the hook then runs
+                    # outside autocast, and a swap (two parameter copies) is cheap next to a validation.
+                    with torch.no_grad(), ema.swapped_in(model) if ema is not None else contextlib.nullcontext():
+                        on_eval(step, dict(last_eval), model)
             out_of_time = cfg.time_limit_s > 0 and time.perf_counter() - t0 >= cfg.time_limit_s
             periodic = cfg.ckpt_every and step % cfg.ckpt_every == 0
             if ckpt_path is not None and (periodic or step == cfg.max_steps or out_of_time):
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, step, data, cfg, ema=ema)
+                extra = {EXTRA_STATE_KEY: extra_state.state_dict()} if extra_state is not None else None
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, step, data, cfg, extra=extra, ema=ema)
             if bar is not None:
                 bar.update(1)
                 post = {"loss": f"{loss_sum:.4f}", "lr": f"{lr:.2e}"}
@@ -559,8 +587,8 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
 
 
 __all__ = [
-    "CHECKPOINT_NAME", "LIVE_SUFFIX", "LOG_NAME", "EpochBatches", "GeneratedBatches", "StepTimer", "TrainConfig",
-    "TrainResult", "WarmupCosine", "load_checkpoint", "lr_factor", "make_ema", "make_optimizer", "make_scheduler",
-    "no_decay", "param_groups", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state", "to_device",
-    "train",
+    "CHECKPOINT_NAME", "EXTRA_STATE_KEY", "LIVE_SUFFIX", "LOG_NAME", "EpochBatches", "GeneratedBatches", "StepTimer",
+    "TrainConfig", "TrainResult", "WarmupCosine", "load_checkpoint", "lr_factor", "make_ema", "make_optimizer",
+    "make_scheduler", "no_decay", "param_groups", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state",
+    "to_device", "train",
 ]

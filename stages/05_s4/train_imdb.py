@@ -21,6 +21,15 @@ With --ema-decay B the recipe keeps an exponential moving average of the
 weights (`ssmlab.core.ema`): validation during training and the final val /
 test scores use the averaged weights; the log's ``val_*_live`` records (and
 the dashed curve) are those of the weights being trained.
+
+With --keep-best {auc,acc,loss} the final val / test scores use the weights of
+the validation with the best ROC AUC, accuracy or loss (the earliest on a tie)
+instead of the last ones: the test split still takes no part in the choice.
+The candidates are the weights validated under the plain names ``val_*``,
+so with --ema-decay the averaged weights. Their float32 copy (on the CPU)
+rides in the checkpoint, so a resumed run selects as an uninterrupted one.
+The results JSON names the selected step and its metric (``selected``) and
+says ``scored_weights: best_live`` or ``best_ema``; the PNG marks the step.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,6 +55,9 @@ from ssmlab.datasets.tokenize import LengthBucketBatches, eval_batches
 
 HERE = Path(__file__).resolve().parent
 EXIT_UNFINISHED = 3  # --time-limit stopped the run before its last step: run the same command again
+
+# --keep-best choice -> (logged validation metric, +1 if higher is better, -1 if lower is)
+KEEP_BEST = {"auc": ("val_roc_auc", 1), "acc": ("val_accuracy", 1), "loss": ("val_loss", -1)}
 
 # Defaults per (device kind, tokenizer); flags override any of them.
 DEFAULTS = {
@@ -88,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decay of an EMA of the weights (0: off; e.g. 0.999): validation and the final scores use it")
     p.add_argument("--ema-start-step", type=int, default=0,
                    help="steps during which the EMA copies the weights before it averages")
+    p.add_argument("--keep-best", choices=["none", *KEEP_BEST], default="none",
+                   help="score val and test with the weights of the best validation by this metric "
+                   "(default none: the last weights)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on GPU")
     p.add_argument("--train-subset", type=int, default=None, help="use this many training reviews (stratified)")
     p.add_argument("--val-subset", type=int, default=None)
@@ -172,6 +188,44 @@ def metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
     return {"accuracy": float(np.mean((probs > 0.5) == labels)), "roc_auc": auc, "loss": loss}
 
 
+class KeptWeights:
+    """The weights of the best validation so far, for --keep-best: `train`'s on_eval and extra_state.
+
+    Only a strict improvement replaces them, so a tie keeps the earlier step (the argmax / argmin of
+    the logged curve). A NaN (the AUC of a one-class validation set) is never better than a number.
+    The copy is float32 on the CPU: it costs no GPU memory, and it loads back exactly into the
+    float32 parameters that autocast trains.
+    """
+
+    def __init__(self, choice: str):
+        self.choice = choice
+        self.metric, self.sign = KEEP_BEST[choice]
+        self.step, self.value, self.weights = None, None, None
+
+    def better(self, value: float) -> bool:
+        if self.step is None:
+            return True
+        if math.isnan(value):
+            return False
+        return math.isnan(self.value) or self.sign * (value - self.value) > 0
+
+    def __call__(self, step: int, metrics: dict, model: torch.nn.Module) -> None:
+        value = float(metrics[self.metric])
+        if self.better(value):
+            self.step, self.value = step, value
+            self.weights = {k: t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+                            for k, t in model.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {"keep_best": self.choice, "step": self.step, "value": self.value, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["keep_best"] != self.choice:
+            raise SystemExit(f"--keep-best {self.choice}, but this run's checkpoint selects by {state['keep_best']}: "
+                             "resume with that choice, or start over with --fresh")
+        self.step, self.value, self.weights = state["step"], state["value"], state["weights"]
+
+
 def read_log(run_dir: Path) -> dict:
     """Curves from log.jsonl (all chunks); a step logged twice keeps its last record."""
     train, evals = {}, {}
@@ -195,7 +249,7 @@ def read_log(run_dir: Path) -> dict:
     return curves
 
 
-def plot(curves: dict, title: str, path: Path) -> None:
+def plot(curves: dict, title: str, path: Path, selected_step: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,9 +261,13 @@ def plot(curves: dict, title: str, path: Path) -> None:
     ax1.plot(curves["val_step"], curves["val_loss"], "o-", label="validation (EMA)" if ema else "validation")
     if ema:
         ax1.plot(curves["val_step"], curves["val_loss_live"], "--", label="validation (live weights)")
-    ax1.set_xlabel("optimizer step"), ax1.set_ylabel("binary cross-entropy"), ax1.legend()
+    ax1.set_xlabel("optimizer step"), ax1.set_ylabel("binary cross-entropy")
     ax2.plot(curves["val_step"], curves["val_accuracy"], "o-", label="val accuracy")
     ax2.plot(curves["val_step"], curves["val_roc_auc"], "s-", label="val ROC AUC")
+    if selected_step is not None:
+        for ax in (ax1, ax2):
+            ax.axvline(selected_step, color="gray", linestyle=":", label=f"kept weights (step {selected_step})")
+    ax1.legend()
     ax2.set_xlabel("optimizer step"), ax2.set_ylim(0.4, 1.0), ax2.legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -272,7 +330,8 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    result = train(model, loss_fn, batches, tcfg, eval_fn=eval_fn)
+    kept = KeptWeights(a.keep_best) if a.keep_best != "none" else None
+    result = train(model, loss_fn, batches, tcfg, eval_fn=eval_fn, on_eval=kept, extra_state=kept)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -286,8 +345,17 @@ def main(argv=None) -> int:
         print(f"stopped at step {result.step}/{steps} by --time-limit; run the same command again to continue")
         return EXIT_UNFINISHED
 
-    # With an EMA, the averaged weights are the ones validated, hence the ones scored.
-    with result.ema.swapped_in(model) if result.ema is not None else contextlib.nullcontext():
+    scored = "ema" if result.ema is not None else "live"
+    if kept is None:  # with an EMA, the averaged weights are the ones validated, hence the ones scored
+        weights = result.ema.swapped_in(model) if result.ema is not None else contextlib.nullcontext()
+    elif kept.weights is None:  # resumed at the end from a checkpoint written without --keep-best
+        raise SystemExit(f"--keep-best {a.keep_best}: {run_dir / CHECKPOINT_NAME} holds no kept weights "
+                         "(written without this flag after its last validation); start over with --fresh")
+    else:  # already the EMA weights when the EMA is on: those are what on_eval receives
+        model.load_state_dict(kept.weights)
+        weights, scored = contextlib.nullcontext(), "best_" + scored
+        print(f"scoring the weights of step {kept.step}: best {kept.metric} {kept.value:.4f}")
+    with weights:
         t_eval = time.perf_counter()
         test = metrics(predict(model, tok.test, device, a.eval_batch_size, amp), tok.y_test)
         t_eval = time.perf_counter() - t_eval
@@ -301,7 +369,8 @@ def main(argv=None) -> int:
                   "weight_decay": a.weight_decay, "warmup_steps": tcfg.warmup_steps, "grad_clip": a.grad_clip,
                   "precision": str(amp_dtype) if amp_dtype else "fp32", "seed": a.seed,
                   "ema_decay": a.ema_decay, "ema_start_step": a.ema_start_step},
-        "scored_weights": "ema" if result.ema is not None else "live",
+        "keep_best": a.keep_best, "scored_weights": scored,
+        "selected": {"step": kept.step, "metric": kept.metric, "value": kept.value} if kept is not None else None,
         "test": test, "val": val,
         "train_seconds": round(total["train_seconds"], 2),
         "tokens_per_second": round(total["tokens"] / max(total["train_seconds"], 1e-9), 1),
@@ -314,7 +383,7 @@ def main(argv=None) -> int:
     (results / f"{a.name}.json").write_text(json.dumps(out, indent=1))
     title = (f"IMDb {a.model}/{a.tokenizer}, {n_params / 1e6:.2f}M params: test acc {test['accuracy']:.3f}, "
              f"AUC {test['roc_auc']:.3f}" + (" (subset)" if a.subset else ""))
-    plot(curves, title, results / f"{a.name}.png")
+    plot(curves, title, results / f"{a.name}.png", kept.step if kept is not None else None)
     print(f"test: accuracy {test['accuracy']:.4f}, ROC AUC {test['roc_auc']:.4f} on {len(tok.test)} reviews; "
           f"train {out['train_seconds']:.0f}s, {out['tokens_per_second']:.0f} tokens/s -> {results / (a.name + '.json')}")
     return 0

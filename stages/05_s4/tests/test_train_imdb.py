@@ -1,10 +1,14 @@
 """train_imdb.py end to end on a generated archive: runs, resumes in chunks, writes its JSON and PNG."""
 
+import contextlib
+import dataclasses
 import json
 import runpy
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train_imdb.py"
 
@@ -45,6 +49,107 @@ def test_ema_run_scores_the_averaged_weights(tmp_path, isolated_cache, make_fake
     assert out["val"]["loss"] == curves["val_loss"][-1]  # the final scores are those of the EMA weights
     with pytest.raises(SystemExit, match="ema-decay"):
         main(args + ["--ema-decay", "1"])
+
+
+def _keep_best_args(archive, run_dir, res_dir, *extra):
+    # lr 0.1 on 28 reviews: the validation AUC peaks at step 2 and falls back, so the choice matters
+    return ["--data", str(archive), "--per-folder", "20", "--model", "s4d", "--s4d-init", "lin", "--tokenizer", "byte",
+            "--d-model", "8", "--d-state", "4", "--n-layers", "1", "--max-len", "64", "--steps", "8",
+            "--batch-size", "8", "--eval-every", "1", "--val-fraction", "0.3", "--lr", "0.1", "--device", "cpu",
+            "--run-dir", str(run_dir), "--results", str(res_dir), "--no-progress", "--name", "k", *extra]
+
+
+def _val_at(out, step):
+    c = out["curves"]
+    i = c["val_step"].index(step)
+    return {"accuracy": c["val_accuracy"][i], "roc_auc": c["val_roc_auc"][i], "loss": c["val_loss"][i]}
+
+
+def test_keep_best_scores_the_weights_of_the_best_validation(tmp_path, isolated_cache, make_fake_imdb, main):
+    archive = make_fake_imdb(tmp_path / "fake.tar.gz", per_folder=20)
+    args = _keep_best_args(archive, tmp_path / "run", tmp_path / "res", "--keep-best", "auc")
+    assert main(args) == 0
+    out = json.loads((tmp_path / "res" / "k.json").read_text())
+    auc = out["curves"]["val_roc_auc"]
+    step = out["curves"]["val_step"][int(np.argmax(auc))]  # the first of equal maxima
+    assert out["keep_best"] == "auc" and out["scored_weights"] == "best_live"
+    assert out["selected"] == {"step": step, "metric": "val_roc_auc", "value": max(auc)}
+    assert step < 8  # else this test would not tell the kept weights from the last ones
+    assert out["val"] == _val_at(out, step)  # bit for bit: the weights scored are those validated at `step`
+
+    # The test split, scored here from the checkpoint's copy, gives the JSON's numbers.
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    kept = ckpt["extra"]["extra_state"]
+    assert kept["step"] == step and all(w.dtype == torch.float32 and w.device.type == "cpu"
+                                        for w in kept["weights"].values())
+    g = main.__globals__
+    a = g["resolve_settings"](g["parse_args"](args))
+    tok = g["tokenized_imdb"](g["load_imdb"](a.data, per_folder=a.per_folder), a.tokenizer, a.max_len, a.vocab_size,
+                              a.val_fraction, a.seed, a.train_subset, a.val_subset, a.test_subset)
+    model = g["build_model"](g["model_config"](a, tok.vocab_size))
+    model.load_state_dict(kept["weights"])
+    probs = g["predict"](model, tok.test, torch.device("cpu"), a.eval_batch_size, contextlib.nullcontext)
+    assert g["metrics"](probs, tok.y_test) == out["test"]
+    assert (tmp_path / "res" / "k.png").stat().st_size > 1000
+
+    # none: the run as before the flag (the same training, the last weights scored, nothing extra checkpointed)
+    assert main(_keep_best_args(archive, tmp_path / "last", tmp_path / "res", "--keep-best", "none")) == 0
+    last = json.loads((tmp_path / "res" / "k.json").read_text())
+    assert last["keep_best"] == "none" and last["selected"] is None and last["scored_weights"] == "live"
+    assert last["curves"] == out["curves"] and last["val"] == _val_at(last, 8) != out["val"]
+    ckpt_last = torch.load(tmp_path / "last" / "checkpoint.pt", weights_only=False)
+    assert ckpt_last["extra"] == {}
+    for k, v in ckpt["model"].items():  # keeping copies changed nothing in training
+        assert torch.equal(ckpt_last["model"][k], v), k
+
+    with pytest.raises(SystemExit, match="selects by auc"):  # another metric cannot continue this selection
+        main(_keep_best_args(archive, tmp_path / "run", tmp_path / "res", "--keep-best", "loss"))
+
+
+def test_keep_best_survives_a_kill_and_resume(tmp_path, isolated_cache, make_fake_imdb, main, monkeypatch):
+    archive = make_fake_imdb(tmp_path / "fake.tar.gz", per_folder=20)
+    assert main(_keep_best_args(archive, tmp_path / "a", tmp_path / "ra", "--keep-best", "auc")) == 0
+    full = json.loads((tmp_path / "ra" / "k.json").read_text())
+
+    class Killed(Exception):
+        pass
+
+    real_train = main.__globals__["train"]
+
+    def killed_at_3(model, loss_fn, data, cfg, **kw):  # checkpoint at 2, the best step; dies at 3
+        def on_step(step, record):
+            if step == 3:
+                raise Killed
+        return real_train(model, loss_fn, data, dataclasses.replace(cfg, ckpt_every=2), on_step=on_step, **kw)
+
+    args = _keep_best_args(archive, tmp_path / "b", tmp_path / "rb", "--keep-best", "auc")
+    with monkeypatch.context() as m, pytest.raises(Killed):  # a context: isolated_cache's patches stay
+        m.setitem(main.__globals__, "train", killed_at_3)
+        main(args)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert full["selected"]["step"] == 2 and full["curves"]["val_roc_auc"][2] == full["selected"]["value"]
+    assert main(args) == 0  # replays 3 .. 8; step 3 ties step 2's AUC, so only the restored copy keeps step 2
+    resumed = json.loads((tmp_path / "rb" / "k.json").read_text())
+    for key in ("selected", "scored_weights", "val", "test"):
+        assert resumed[key] == full[key], key
+
+
+def test_keep_best_with_ema_selects_the_averaged_weights(tmp_path, isolated_cache, make_fake_imdb, main):
+    archive = make_fake_imdb(tmp_path / "fake.tar.gz", per_folder=20)
+    args = _keep_best_args(archive, tmp_path / "run", tmp_path / "res", "--keep-best", "loss", "--ema-decay", "0.5")
+    assert main(args) == 0
+    out = json.loads((tmp_path / "res" / "k.json").read_text())
+    c = out["curves"]
+    step = c["val_step"][int(np.argmin(c["val_loss"]))]  # val_loss: the EMA weights; val_loss_live is not chosen on
+    assert out["scored_weights"] == "best_ema" and out["selected"]["step"] == step < 8
+    assert out["val"] == _val_at(out, step)  # the EMA weights of that step, not the live ones:
+    assert out["val"]["loss"] != c["val_loss_live"][c["val_step"].index(step)]
+
+
+def test_keep_best_rejects_unknown_metrics(main, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--keep-best", "f1"])
+    assert exc.value.code == 2 and "invalid choice: 'f1'" in capsys.readouterr().err
 
 
 def test_missing_data_is_a_clear_error(tmp_path, isolated_cache, main, capsys):

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from ssmlab.core.checkpoint import atomic_write
 from ssmlab.core.mamba import MambaLMHeadModel, preset
-from ssmlab.core.training import (CHECKPOINT_NAME, LOG_NAME, EpochBatches, GeneratedBatches, TrainConfig, lr_factor,
-                                  make_optimizer, make_scheduler, param_groups, train)
+from ssmlab.core.training import (CHECKPOINT_NAME, EXTRA_STATE_KEY, LOG_NAME, EpochBatches, GeneratedBatches,
+                                  TrainConfig, lr_factor, make_optimizer, make_scheduler, param_groups, train)
 from ssmlab.datasets.synthetic import IGNORE, induction_heads
 
 torch.set_num_threads(1)
@@ -114,6 +114,74 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, kind):
     assert again == tail  # bit-identical losses and evaluations
     log = [json.loads(line) for line in (tmp_path / "b" / LOG_NAME).read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "train"] == list(range(1, 8)) + list(range(6, 13))
+
+
+class _KeepLowest:
+    """A minimal on_eval + extra_state: every validation seen, and the weights of the lowest probe."""
+
+    def __init__(self):
+        self.seen, self.best, self.weights = [], None, None
+
+    def __call__(self, step, metrics, model):
+        with torch.no_grad():
+            # the weights handed over are those the plain metric names were computed on
+            model.eval()
+            assert _probe_value(model) == metrics["probe"]
+            model.train()
+        self.seen.append((step, metrics["probe"]))
+        if self.best is None or metrics["probe"] < self.best[1]:
+            self.best = (step, metrics["probe"])
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def state_dict(self):
+        return {"seen": list(self.seen), "best": self.best, "weights": self.weights}
+
+    def load_state_dict(self, state):
+        self.seen, self.best, self.weights = list(state["seen"]), state["best"], state["weights"]
+
+
+def _probe_value(model):
+    return model(torch.arange(10)[None]).float().pow(2).mean().item()
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.8])
+def test_on_eval_state_resumes_with_the_run(tmp_path, ema_decay):
+    """extra_state rides in the checkpoint: a killed run's resumed hook has seen every validation, once."""
+    common = dict(lr=1e-2, max_steps=12, warmup_steps=3, progress=False, eval_every=2, ema_decay=ema_decay)
+    eval_fn = lambda m: {"probe": _probe_value(m)}  # noqa: E731
+    full = _KeepLowest()
+    train(_fresh_model(), _task_loss, _stream("generated"), TrainConfig(**common, out_dir=str(tmp_path / "a")),
+          eval_fn, on_eval=full, extra_state=full)
+    assert [s for s, _ in full.seen] == [2, 4, 6, 8, 10, 12]
+
+    def kill_at_7(step, record):
+        if step == 7:
+            raise _Killed
+
+    cfg_b = TrainConfig(**common, out_dir=str(tmp_path / "b"), ckpt_every=4)  # a validation's step: on_eval first
+    with pytest.raises(_Killed):
+        killed = _KeepLowest()
+        train(_fresh_model(), _task_loss, _stream("generated"), cfg_b, eval_fn, on_step=kill_at_7,
+              on_eval=killed, extra_state=killed)
+    resumed = _KeepLowest()
+    res = train(_fresh_model(), _task_loss, _stream("generated"), cfg_b, eval_fn, on_eval=resumed, extra_state=resumed)
+    assert res.resumed_from == 4
+    assert resumed.seen == full.seen and resumed.best == full.best  # 2 and 4 restored, 6 .. 12 replayed
+    for k, v in full.weights.items():
+        assert torch.equal(resumed.weights[k], v), k
+
+
+def test_checkpoint_without_extra_state_leaves_it_as_given(tmp_path):
+    base = dict(lr=1e-2, max_steps=2, warmup_steps=1, progress=False, out_dir=str(tmp_path))
+    train(_fresh_model(), _task_loss, _stream("generated"), TrainConfig(**base))
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["extra"] == {}  # as before the hook
+    kept = _KeepLowest()
+    with pytest.warns(UserWarning, match="no extra_state"):
+        train(_fresh_model(), _task_loss, _stream("generated"), TrainConfig(**{**base, "max_steps": 3}),
+              lambda m: {"probe": _probe_value(m)}, on_eval=kept, extra_state=kept)
+    assert [s for s, _ in kept.seen] == [3]
+    ckpt = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    assert ckpt["extra"][EXTRA_STATE_KEY]["best"] == kept.best
 
 
 def test_dropout_rng_is_restored(tmp_path):
