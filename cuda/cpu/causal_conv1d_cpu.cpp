@@ -28,6 +28,13 @@ void load_row(const CausalConv1dParams& p, int64_t b, int64_t c, std::vector<flo
   for (int64_t t = 0; t < L; ++t) xp[K - 1 + t] = load_float(p.x, p.dtype, base + t);
 }
 
+// The conv's value at step t before the activation; xp is the zero-padded row.
+inline float pre_activation(const float* w, const std::vector<float>& xp, int64_t t, int64_t K, float bias) {
+  float acc = bias;
+  for (int64_t k = 0; k < K; ++k) acc += w[k] * xp[t + k];
+  return acc;
+}
+
 float silu_grad(float pre) {
   const float s = 1.0f / (1.0f + std::exp(-pre));
   return s * (1.0f + pre * (1.0f - s));
@@ -48,8 +55,7 @@ void causal_conv1d_fwd_cpu(const CausalConv1dParams& p) {
       const float* w = p.weight + c * K;
       const float bias = p.bias ? p.bias[c] : 0.0f;
       for (int64_t t = 0; t < L; ++t) {
-        float acc = bias;
-        for (int64_t k = 0; k < K; ++k) acc += w[k] * xp[t + k];
+        const float acc = pre_activation(w, xp, t, K, bias);
         row[t] = p.silu ? acc / (1.0f + std::exp(-acc)) : acc;
       }
       for (int64_t t = 0; t < L; ++t) store_float(p.out, p.dtype, r * L + t, row[t]);
@@ -73,9 +79,7 @@ void causal_conv1d_bwd_cpu(const CausalConv1dParams& p) {
       for (int64_t t = 0; t < L; ++t) {
         const float g = load_float(p.grad_out, p.dtype, r * L + t);
         if (p.silu) {
-          float pre = bias;
-          for (int64_t k = 0; k < K; ++k) pre += w[k] * xp[t + k];
-          gp[t] = g * silu_grad(pre);
+          gp[t] = g * silu_grad(pre_activation(w, xp, t, K, bias));
         } else {
           gp[t] = g;
         }
