@@ -16,6 +16,8 @@
 #   bpe-mamba  bpe-s4d  bpe-s4  bpe-transformer     subword (BPE 8192 trained on train), max 1024 tokens, ~6M params
 #   byte-s4d   byte-s4  byte-mamba                  bytes, length 4096 (the LRA text setting), ~1M params
 #   byte-transformer-causal                        bytes, the Transformer with causal attention (flash path), ~1M params
+#   bpe-mamba-best                                 bpe-mamba with dropout 0.2, weight EMA 0.999, scored at the best val AUC
+#   byte-s4d-lr5e3                                 byte-s4d at lr 5e-3 (its 2e-3 run was still improving), best val AUC
 #   bench                                           kernel generation time / memory vs L (up to 131072)
 #   charlm                                          S4D character LM (the ladder's corpus), ~2.7M params
 #
@@ -52,6 +54,8 @@ case "$job" in
   bpe-mamba|bpe-s4d|bpe-s4|bpe-transformer) run_imdb bpe "${job#bpe-}" ;;
   byte-s4d|byte-s4|byte-mamba)              run_imdb byte "${job#byte-}" ;;
   byte-transformer-causal)                  NAME=imdb_transformer_causal_byte run_imdb byte transformer --causal ;;
+  bpe-mamba-best)   NAME=imdb_mamba_bpe_best run_imdb bpe mamba --dropout 0.2 --ema-decay 0.999 --ema-start-step 200 --keep-best auc ;;
+  byte-s4d-lr5e3)   NAME=imdb_s4d_byte_lr5e3 run_imdb byte s4d --lr 5e-3 --keep-best auc ;;
   bench)
     "$PY" "$STAGE/bench_kernel.py" --device cuda --H 256
     copy_out "$STAGE/results/bench_kernel_cuda.json" "$STAGE/results/bench_kernel_cuda.png" ;;

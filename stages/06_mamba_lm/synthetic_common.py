@@ -39,6 +39,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, help="model width D")
     p.add_argument("--n-layer", type=int, help="number of blocks")
     p.add_argument("--d-state", type=int, default=16, help="SSM state size N")
+    p.add_argument("--dt-min", type=float, default=1e-3, help="Mamba/S4D: initial Delta, log-uniform from this ...")
+    p.add_argument("--dt-max", type=float, default=1e-1, help="... to this (the paper's 1e-3 .. 1e-1)")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch-size", type=int, help="training batch size")
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -80,7 +82,9 @@ def build_model(kind: str, vocab_size: int, args: argparse.Namespace) -> MambaLM
         raise ValueError(f"unknown model kind {kind!r}; choose from {sorted(MODEL_KINDS)}")
     mixer, gated = MODEL_KINDS[kind]
     mamba_cfg = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=vocab_size,
-                            d_state=args.d_state, mixer="mamba" if mixer == "attention" else mixer, gated=gated)
+                            d_state=args.d_state, mixer="mamba" if mixer == "attention" else mixer, gated=gated,
+                            dt_min=getattr(args, "dt_min", 1e-3), dt_max=getattr(args, "dt_max", 1e-1),
+                            dt_init_floor=min(1e-4, getattr(args, "dt_min", 1e-3)))
     torch.manual_seed(args.seed)
     if mixer == "attention":
         # heads of width 16 at these small widths (match_mamba's default of 64 would leave one head);
