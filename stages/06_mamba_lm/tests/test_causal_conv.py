@@ -121,3 +121,19 @@ def test_matches_the_blocks_former_conv():
     x = torch.randn(2, 6, 50)
     want = torch.nn.functional.silu(conv(x)[..., :50])
     torch.testing.assert_close(causal_conv1d(x, conv.weight, conv.bias), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu
+def test_traces_under_torch_compile():
+    """The custom ops' fake implementations let torch.compile trace forward and backward (aot_eager: no codegen)."""
+    x = torch.randn(2, 4, 20, requires_grad=True)
+    w = torch.randn(4, 4, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    compiled = torch.compile(causal_conv1d, backend="aot_eager", fullgraph=True)
+    out = compiled(x, w, b)
+    grads = torch.autograd.grad(out.square().sum(), (x, w, b))
+    out_e = causal_conv1d(x, w, b)
+    grads_e = torch.autograd.grad(out_e.square().sum(), (x, w, b))
+    torch.testing.assert_close(out, out_e)
+    for g, ge in zip(grads, grads_e):
+        torch.testing.assert_close(g, ge)
