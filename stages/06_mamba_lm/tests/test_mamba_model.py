@@ -149,3 +149,23 @@ def test_reference_config_dict():
         config_from_reference({**ref, "rms_norm": False})
     with pytest.raises(ValueError, match="Mamba1"):
         config_from_reference({**ref, "ssm_cfg": {"layer": "Mamba2"}})
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rmsnorm_is_the_written_out_formula(dtype):
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in float32 (float64 kept), returned in x's dtype, even under autocast."""
+    from ssmlab.core.mamba import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(24))
+    x = (3 * torch.randn(2, 5, 24, dtype=torch.float64)).to(dtype)
+    x64 = x.double()
+    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    got = norm(x)
+    assert got.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=tol, atol=tol)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x.float()).dtype == torch.float32  # the residual stream's norm stays float32
