@@ -37,9 +37,9 @@ from torch import Tensor
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a matrix product on `x` runs in: the autocast dtype when autocast is on."""
+    """The dtype a matrix product on `x` runs in: the autocast dtype when autocast is on (float64 excepted, as autocast does)."""
     dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+    if x.dtype != torch.float64 and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return x.dtype
 

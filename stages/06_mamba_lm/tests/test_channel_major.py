@@ -113,6 +113,8 @@ def test_autocast_runs_in_the_autocast_dtype(device):
     torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
     y.float().sum().backward()
     assert h.grad.dtype == W.grad.dtype == torch.float32 and torch.isfinite(h.grad).all()
+    with torch.autocast(device, dtype=torch.bfloat16):  # like nn.Linear, float64 is left alone
+        assert tokens_to_channels(h.detach().double(), W.detach().double()).dtype == torch.float64
 
 
 def test_bad_shapes_raise():
