@@ -143,7 +143,13 @@ def _use_native(x: Tensor, K: int, backend: str) -> bool:
             raise ValueError(f"causal_conv1d: the {which} kernel takes float32/16/bfloat16 and K <= {MAX_WIDTH}, "
                              f"got {x.dtype} and K = {K}; use backend='ref'")
         return False
-    return hasattr(native.native_module(), f"causal_conv1d_fwd_{which}")
+    if not hasattr(native.native_module(), f"causal_conv1d_fwd_{which}"):
+        if backend != "auto":  # asked for by name: say so rather than quietly run the reference
+            raise native.BackendUnavailableError(
+                f"causal_conv1d: the native module has no causal_conv1d_fwd_{which}: it was built before the "
+                f"kernel existed; rebuild it with `pip install -e .`")
+        return False
+    return True
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = "silu",

@@ -246,7 +246,7 @@ class Mamba(nn.Module):
     def forward(self, hidden: Tensor, cache: Optional[MambaLayerCache] = None) -> Tensor:
         """hidden (B, L, D) -> (B, L, D). With `cache`, continue from it and leave the final state in it."""
         cfg = self.cfg
-        Bsz, L, _ = hidden.shape
+        L = hidden.shape[1]
         ED, N, R, K = cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
         # Channel-major from here to out_proj: (B, ED, L) tensors with unit stride along L, produced
         # and consumed by products that absorb the layout change (core/channel_major.py).

@@ -214,18 +214,12 @@ def _params(a: Tensor, b: Tensor, h0: Optional[Tensor], out: Tensor):
     p.b, p.b_stride = b.data_ptr(), (b.stride(0), b.stride(1))
     p.out, p.out_stride = out.data_ptr(), (out.stride(0), out.stride(1))
     p.h0 = 0 if h0 is None else h0.data_ptr()
-    if b.is_cuda:
-        p.stream = torch.cuda.current_stream(b.device).cuda_stream
     return p
 
 
 def _run(kind: str, device: torch.device, p) -> None:
-    mod = native.native_module()
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            getattr(mod, f"linear_scan_{kind}_cuda")(p)
-    else:
-        getattr(mod, f"linear_scan_{kind}_cpu")(p)
+    fn = getattr(native.native_module(), f"linear_scan_{kind}_{'cuda' if device.type == 'cuda' else 'cpu'}")
+    native.run_kernel(fn, device, p)
 
 
 @torch.library.custom_op("ssmlab::linear_scan", mutates_args=())

@@ -137,3 +137,17 @@ def test_traces_under_torch_compile():
     torch.testing.assert_close(out, out_e)
     for g, ge in zip(grads, grads_e):
         torch.testing.assert_close(g, ge)
+
+
+@needs_cpu
+def test_an_explicit_backend_missing_from_an_old_build_is_an_error(monkeypatch):
+    """backend='cpu' on a module built before the kernel existed raises instead of quietly running the reference."""
+    import types
+
+    from ssmlab.core import causal_conv
+
+    monkeypatch.setattr(causal_conv.native, "native_module", lambda: types.SimpleNamespace())
+    x, w = torch.randn(2, 3, 10), torch.randn(3, 4)
+    with pytest.raises(native.BackendUnavailableError, match="rebuild"):
+        causal_conv1d(x, w, backend="cpu")
+    torch.testing.assert_close(causal_conv1d(x, w), causal_conv1d_ref(x, w))  # 'auto' falls back
