@@ -434,7 +434,12 @@ __device__ __forceinline__ void bc_at(float (&v)[NT], const float* sX, bool vari
 // no spills (8.8 vs 5.5 ms at L = 8192, bf16). Larger N: what fits.
 template <int NT> constexpr int bwd_min_blocks() { return NT == 4 ? 3 : NT == 8 ? 2 : 1; }
 
-template <typename T, int NT, int S>
+// kVarBC: B and C both input-dependent, known at compile time (Mamba's case).
+// Then every `vB ? load : copy` below is a plain load: in the general build
+// the compiler emits both sides, and the copies of the time-invariant B/C
+// registers were about 3 of the 36 instructions an element of the sub-chunk
+// loop (v5's SASS).
+template <typename T, int NT, int S, bool kVarBC>
 __global__ void __launch_bounds__(kThreads, bwd_min_blocks<NT>()) bwd_kernel(P p, BwdWorkspace ws) {
   static_assert(S == 4, "the lane reductions assume 4 lanes a channel");
   static_assert(NT % 4 == 0, "16-byte shared-memory accesses");
@@ -481,6 +486,7 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<NT>()) bwd_kernel(P p
   float gD = 0.0f, gbias = 0.0f;  // this lane's steps; summed over the 4 lanes at the end
   const T* Bv = p.is_variable_B ? bc_base<T>(p.B, p.B_stride, q) : nullptr;
   const T* Cv = p.is_variable_C ? bc_base<T>(p.C, p.C_stride, q) : nullptr;
+  const bool vB = kVarBC || Bv != nullptr, vC = kVarBC || Cv != nullptr;
   const int64_t part = (q.b * p.groups + q.g) * ws.blocks_per_group + q.blk;  // this block's B/C partial
 
   for (int64_t c = nch - 1; c >= 0; --c) {
@@ -493,8 +499,8 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<NT>()) bwd_kernel(P p
       float pu[KP], pd[KP], pb[KBC], pc[KBC];
       load_tile<T, R>(pu, p.u, p.u_stride, q, t0, len);
       load_tile<T, R>(pd, p.delta, p.delta_stride, q, t0, len);
-      if (Bv) load_bc<T, NP>(pb, Bv, p.B_stride[2], N, t0, len);
-      if (Cv) load_bc<T, NP>(pc, Cv, p.C_stride[2], N, t0, len);
+      if (vB) load_bc<T, NP>(pb, Bv, p.B_stride[2], N, t0, len);
+      if (vC) load_bc<T, NP>(pc, Cv, p.C_stride[2], N, t0, len);
 #pragma unroll
       for (int j = 0; j < KP; ++j) {
         const int rr = TI::row(j), t = TI::step(j);
@@ -503,8 +509,8 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<NT>()) bwd_kernel(P p
         sDt[rr][t] = !ok ? 0.0f : p.delta_softplus ? softplus(x) : x;  // past the end: Δ = 0, the identity
         sU[rr][t] = pu[j];
       }
-      if (Bv) store_bc<T, NP>(sB, pb);
-      if (Cv) store_bc<T, NP>(sC, pc);
+      if (vB) store_bc<T, NP>(sB, pb);
+      if (vC) store_bc<T, NP>(sC, pc);
     }
     {
       float pg[KP], pz[KP];
@@ -549,13 +555,13 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<NT>()) bwd_kernel(P p
         for (int tt = 0; tt < kSub; ++tt) {
           const int t = k * kSub + tt;
           float b[NT];
-          bc_at<NT, NP>(b, sB, Bv, Bc, t, s);
+          bc_at<NT, NP>(b, sB, vB, Bc, t, s);
 #pragma unroll
           for (int i = 0; i < NT; ++i) h[i] = fmaf(ex2(dt[tt] * A2[i]), h[i], du[tt] * b[i]);
           y[tt] = 0.0f;
           if (zgrad) {
             float cc[NT];
-            bc_at<NT, NP>(cc, sC, Cv, Cc, t, s);
+            bc_at<NT, NP>(cc, sC, vC, Cc, t, s);
 #pragma unroll
             for (int i = 0; i < NT; ++i) y[tt] = fmaf(cc[i], h[i], y[tt]);
           }
@@ -583,7 +589,7 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<NT>()) bwd_kernel(P p
 #pragma unroll
         for (int tt = 0; tt < kSub; ++tt) {
           float b[NT];
-          bc_at<NT, NP>(b, sB, Bv, Bc, k * kSub + tt, s);
+          bc_at<NT, NP>(b, sB, vB, Bc, k * kSub + tt, s);
 #pragma unroll
           for (int i = 0; i < NT; ++i) {
             h[i] = fmaf(ex2(dt[tt] * A2[i]), h[i], du[tt] * b[i]);
@@ -601,8 +607,8 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<NT>()) bwd_kernel(P p
         const int t = k * kSub + tt;
         const float gy = sGy[r][t], dtv = sDt[r][t], duv = dtv * sU[r][t];
         float b[NT], cc[NT];
-        bc_at<NT, NP>(b, sB, Bv, Bc, t, s);
-        bc_at<NT, NP>(cc, sC, Cv, Cc, t, s);
+        bc_at<NT, NP>(b, sB, vB, Bc, t, s);
+        bc_at<NT, NP>(cc, sC, vC, Cc, t, s);
         float gB[NT], gC[NT];
         gdt[tt] = 0.0f, gbs[tt] = 0.0f;
 #pragma unroll
@@ -617,7 +623,7 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<NT>()) bwd_kernel(P p
           gC[i] = gy * H[tt][i];
           carry[i] = e * g;
         }
-        if (Bv) {
+        if (vB) {
           float v[NT / 2];
           pair_sum<NT>(gB, odd, v);
           st_half<NT>(sRB + tt * RP + (r >> 1) * NP + s * NT + (odd ? NT / 2 : 0), v);
@@ -625,7 +631,7 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<NT>()) bwd_kernel(P p
 #pragma unroll
           for (int i = 0; i < NT; ++i) gBc[i] += gB[i];
         }
-        if (Cv) {
+        if (vC) {
           float v[NT / 2];
           pair_sum<NT>(gC, odd, v);
           st_half<NT>(sRC + tt * RP + (r >> 1) * NP + s * NT + (odd ? NT / 2 : 0), v);
@@ -656,12 +662,12 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<NT>()) bwd_kernel(P p
         }
       }
       // Sum the sub-chunk's B_t / C_t contributions over the block's row pairs, in order.
-      if (Bv || Cv) {
+      if (vB || vC) {
         __syncthreads();
         const int nout = kSub * N;
         for (int i = tid; i < 2 * nout; i += kThreads) {
           const bool isC = i >= nout;
-          if (isC ? !Cv : !Bv) continue;
+          if (isC ? !vC : !vB) continue;
           const int j = isC ? i - nout : i, tt = j % kSub, n = j / kSub, t = k * kSub + tt;
           if (t >= len) continue;
           const float* src = (isC ? sRC : sRB) + tt * RP + n;
@@ -748,14 +754,20 @@ void run_fwd(const P& p) {
   cuda_check(cudaGetLastError(), "selective_scan forward kernel");
 }
 
-template <typename T, int NT, int S>
-void run_bwd(const P& p, const BwdWorkspace& ws) {
+template <typename T, int NT, int S, bool kVarBC>
+void run_bwd_as(const P& p, const BwdWorkspace& ws) {
   using Sh = Shape<NT, S>;
-  static bool done[64] = {};
-  auto k = bwd_kernel<T, NT, S>;
+  static bool done[64] = {};  // per instantiation: each kernel needs its own shared-memory attribute
+  auto k = bwd_kernel<T, NT, S, kVarBC>;
   set_smem(k, Sh::bwd_smem(), done);
   k<<<grid_size(p, Sh::kRows), kThreads, Sh::bwd_smem(), reinterpret_cast<cudaStream_t>(p.stream)>>>(p, ws);
   cuda_check(cudaGetLastError(), "selective_scan backward kernel");
+}
+
+template <typename T, int NT, int S>
+void run_bwd(const P& p, const BwdWorkspace& ws) {
+  if (p.is_variable_B && p.is_variable_C) run_bwd_as<T, NT, S, true>(p, ws);
+  else run_bwd_as<T, NT, S, false>(p, ws);
 }
 
 // (NT, S) by state size: S = 4 lanes a channel, NT states a lane.

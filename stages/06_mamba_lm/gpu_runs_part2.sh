@@ -28,6 +28,8 @@
 #   imdb-transformer   the same for the parameter-matched Transformer
 #   ddp-1gpu           (nvidia-h200-x2) char-10m Mamba, 400 steps, global batch 64, torchrun on 1 GPU
 #   ddp-2gpu           (nvidia-h200-x2) the same on 2 GPUs: compare train_tokens_per_s in result.json
+#   ddp130m-1gpu       (nvidia-h200-x2) ~130M Mamba, 60 steps x 32 x 2048 tokens (global), torchrun on 1 GPU
+#   ddp130m-2gpu       (nvidia-h200-x2) the same global batch split over 2 GPUs (throughput at scale)
 #
 # Expected cost: not measured yet (no GPU during writing); the bench jobs should take a few minutes
 # each, the training jobs one or more 8-minute chunks (rerun while the status is 75).
@@ -44,6 +46,8 @@ IMDB=(--level bpe --text imdb --imdb .data/aclImdb.tar.gz --vocab-size 8192 --si
       --log-every 50 --out "$RES/lm/imdb-bpe-30m")
 DDP=(--text .data/tinyshakespeare.txt --size char-10m --seq-len 256 --batch-size 64 --steps 400 --lr 1e-3
      --warmup 100 --eval-every 400 --eval-windows 64 --ckpt-every 400 --log-every 50)
+DDP130=(--text .data/tinyshakespeare.txt --size 130m --seq-len 2048 --batch-size 32 --steps 60 --lr 6e-4
+        --warmup 10 --eval-every 60 --eval-windows 16 --ckpt-every 60 --log-every 10)
 # TIME_LIMIT_MIN / THREADS: override when several jobs share one GPU.
 TRAIN=(--device cuda --precision auto --time-limit-min "${TIME_LIMIT_MIN:-8}" --threads "${THREADS:-4}" --no-progress)
 
@@ -70,7 +74,12 @@ case "$job" in
     n=${job:4:1}
     exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" "$STAGE/train_lm.py" --model mamba \
       "${DDP[@]}" --out "$RES/lm/ddp-${n}gpu" "${TRAIN[@]}" ;;
+  ddp130m-1gpu|ddp130m-2gpu)
+    need .data/tinyshakespeare.txt
+    n=${job:7:1}
+    exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" "$STAGE/train_lm.py" --model mamba \
+      "${DDP130[@]}" --out "$RES/lm/ddp130m-${n}gpu" "${TRAIN[@]}" ;;
   list)
-    sed -n '/^# Jobs/,/^#   ddp-2gpu/p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '/^# Jobs/,/^#   ddp130m-2gpu/p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "unknown job: $job (try: bash $0 list)" >&2; exit 2 ;;
 esac
