@@ -18,6 +18,7 @@
 #   byte-transformer-causal                        bytes, the Transformer with causal attention (flash path), ~1M params
 #   bpe-mamba-best                                 bpe-mamba with dropout 0.2, weight EMA 0.999, scored at the best val AUC
 #   byte-s4d-lr5e3                                 byte-s4d at lr 5e-3 (its 2e-3 run was still improving), best val AUC
+#   bpe-mamba-9ep  bpe-s4d-7ep                      9 / 7 epochs instead of 5 (both were still improving), best val AUC
 #   bench                                           kernel generation time / memory vs L (up to 131072)
 #   charlm                                          S4D character LM (the ladder's corpus), ~2.7M params
 #
@@ -56,6 +57,8 @@ case "$job" in
   byte-transformer-causal)                  NAME=imdb_transformer_causal_byte run_imdb byte transformer --causal ;;
   bpe-mamba-best)   NAME=imdb_mamba_bpe_best run_imdb bpe mamba --dropout 0.2 --ema-decay 0.999 --ema-start-step 200 --keep-best auc ;;
   byte-s4d-lr5e3)   NAME=imdb_s4d_byte_lr5e3 run_imdb byte s4d --lr 5e-3 --keep-best auc ;;
+  bpe-mamba-9ep)    NAME=imdb_mamba_bpe_9ep run_imdb bpe mamba --epochs 9 --keep-best auc ;;
+  bpe-s4d-7ep)      NAME=imdb_s4d_bpe_7ep run_imdb bpe s4d --epochs 7 --keep-best auc ;;
   bench)
     "$PY" "$STAGE/bench_kernel.py" --device cuda --H 256
     copy_out "$STAGE/results/bench_kernel_cuda.json" "$STAGE/results/bench_kernel_cuda.png" ;;
