@@ -11,7 +11,8 @@ Mixers (each a module on (B, L, D)):
 * ``s4``: S4 with the DPLR kernel (``ssmlab.core.s4``), bidirectional by default;
 * ``s4d``: S4D with a Vandermonde kernel (``ssmlab.core.s4d``);
 * ``mamba``: the selective SSM block of stage 06 (``ssmlab.core.mamba.Mamba``,
-  which runs stage 04's ``selective_scan``); causal;
+  which runs stage 04's ``selective_scan``); causal, or with ``bidirectional``
+  a second block that reads each sequence backwards (``BiMamba``);
 * ``transformer``: multi-head self-attention, with an MLP sublayer
   (``mlp_ratio=4``): a pre-norm Transformer encoder with learned positions.
 
@@ -100,6 +101,7 @@ class MambaClsConfig(ClassifierConfig):
     d_state: int = 16  # N
     expand: int = 2  # E: inner width E * D
     d_conv: int = 4  # K: causal depthwise conv width
+    bidirectional: bool = False  # True: a second block reads each sequence backwards (BiMamba), outputs summed
 
     mixer = "mamba"
 
@@ -182,6 +184,34 @@ class _Mixer(nn.Module):
         return self.inner(x)
 
 
+def reverse_valid(x: Tensor, lengths: Tensor) -> Tensor:
+    """Reverse each row of x (B, L, ...) within its first lengths[b] positions; padding stays where it is.
+
+    Its own inverse. Flipping the whole row would put the padding first, and a selective
+    block is not at rest on zero inputs (conv and Δ biases), so the padding would leak in.
+    """
+    L = x.shape[1]
+    t = torch.arange(L, device=x.device)[None, :]
+    idx = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # (B, L)
+    return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+class BiMamba(nn.Module):
+    """Two Mamba blocks, one over the sequence and one over its valid part reversed; outputs summed.
+
+    A causal block only lets a position see its past; for classification (no future to hide)
+    the reversed block gives every position its future too, as the bidirectional S4/S4D kernels do.
+    """
+
+    def __init__(self, fwd: nn.Module, bwd: nn.Module):
+        super().__init__()
+        self.fwd, self.bwd = fwd, bwd
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        lengths = mask.sum(1)
+        return self.fwd(x) + reverse_valid(self.bwd(reverse_valid(x, lengths)), lengths)
+
+
 def make_mixer(cfg: ClassifierConfig) -> nn.Module:
     if isinstance(cfg, S4Config):
         from ssmlab.core.s4 import s4_layer
@@ -198,8 +228,10 @@ def make_mixer(cfg: ClassifierConfig) -> nn.Module:
 
         mcfg = MambaConfig(d_model=cfg.d_model, n_layer=cfg.n_layers, vocab_size=cfg.vocab_size, d_state=cfg.d_state,
                            expand=cfg.expand, d_conv=cfg.d_conv)
+        if cfg.bidirectional:
+            return BiMamba(Mamba(mcfg), Mamba(mcfg))
         block = Mamba(mcfg)
-        block.reset_parameters()
+        block.reset_parameters()  # a second draw, kept so earlier runs' seeds still give the same weights
         return _Mixer(block)
     if isinstance(cfg, TransformerConfig):
         return SelfAttention(cfg)

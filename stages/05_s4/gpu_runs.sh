@@ -19,6 +19,8 @@
 #   bpe-mamba-best                                 bpe-mamba with dropout 0.2, weight EMA 0.999, scored at the best val AUC
 #   byte-s4d-lr5e3                                 byte-s4d at lr 5e-3 (its 2e-3 run was still improving), best val AUC
 #   bpe-mamba-9ep  bpe-s4d-7ep                      9 / 7 epochs instead of 5 (both were still improving), best val AUC
+#   bpe-bimamba                                     Mamba with a second block reading backwards (--bidirectional), best val AUC
+#   byte-bimamba                                    the same on bytes (4096)
 #   bench                                           kernel generation time / memory vs L (up to 131072)
 #   charlm                                          S4D character LM (the ladder's corpus), ~2.7M params
 #
@@ -58,6 +60,8 @@ case "$job" in
   bpe-mamba-best)   NAME=imdb_mamba_bpe_best run_imdb bpe mamba --dropout 0.2 --ema-decay 0.999 --ema-start-step 200 --keep-best auc ;;
   byte-s4d-lr5e3)   NAME=imdb_s4d_byte_lr5e3 run_imdb byte s4d --lr 5e-3 --keep-best auc ;;
   bpe-mamba-9ep)    NAME=imdb_mamba_bpe_9ep run_imdb bpe mamba --epochs 9 --keep-best auc ;;
+  bpe-bimamba)      NAME=imdb_bimamba_bpe run_imdb bpe mamba --bidirectional --keep-best auc ;;
+  byte-bimamba)     NAME=imdb_bimamba_byte run_imdb byte mamba --bidirectional --epochs 6 --keep-best auc ;;
   bpe-s4d-7ep)      NAME=imdb_s4d_bpe_7ep run_imdb bpe s4d --epochs 7 --keep-best auc ;;
   bench)
     "$PY" "$STAGE/bench_kernel.py" --device cuda --H 256

@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--s4d-init", choices=["legs", "lin", "real"], default="legs")
     p.add_argument("--causal", action="store_true",
                    help="S4/S4D: one causal kernel instead of bidirectional; Transformer: causal attention")
+    p.add_argument("--bidirectional", action="store_true",
+                   help="Mamba: add a second block that reads each review backwards (BiMamba; Mamba is causal "
+                        "by default)")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
@@ -148,6 +151,9 @@ def resolve_settings(a: argparse.Namespace) -> argparse.Namespace:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1")
     if a.epochs <= 0 or not 0 <= a.warmup_frac < 1:
         raise SystemExit("--epochs must be > 0 and --warmup-frac in [0, 1)")
+    if a.bidirectional and (a.model != "mamba" or a.causal):
+        raise SystemExit("--bidirectional is for --model mamba (S4, S4D and the Transformer are bidirectional "
+                         "unless --causal), and not together with --causal")
     if not (a.ema_decay == 0 or 0 < a.ema_decay < 1) or a.ema_start_step < 0:
         raise SystemExit("--ema-decay must be 0 (off) or in (0, 1), --ema-start-step >= 0")
     return a
@@ -159,6 +165,8 @@ def model_config(a: argparse.Namespace, vocab_size: int):
         kw["d_state"] = a.d_state
     if a.model in ("s4", "s4d", "transformer"):
         kw["bidirectional"] = not a.causal
+    elif a.model == "mamba":
+        kw["bidirectional"] = a.bidirectional
     if a.model == "s4d":
         kw["init"] = a.s4d_init
     cfg = make_config(a.model, **kw)

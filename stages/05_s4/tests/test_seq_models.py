@@ -141,3 +141,38 @@ def test_charlm_script_short_run(tmp_path):
     out = json.loads((tmp_path / "charlm_s4d.json").read_text())
     assert out["steps"] == 4 and 0 < out["val_bpc"] < 8 and out["params"] > 0
     assert (tmp_path / "charlm_s4d.png").exists()
+
+
+def test_reverse_valid_flips_each_row_within_its_length_and_is_its_own_inverse():
+    from ssmlab.core.seq_models import reverse_valid
+
+    x = torch.arange(2 * 5).view(2, 5).float()[..., None].expand(2, 5, 3)
+    lengths = torch.tensor([3, 5])
+    r = reverse_valid(x, lengths)
+    assert r[0, :, 0].tolist() == [2.0, 1.0, 0.0, 3.0, 4.0]  # padding (positions 3, 4) stays put
+    assert r[1, :, 0].tolist() == [9.0, 8.0, 7.0, 6.0, 5.0]
+    assert torch.equal(reverse_valid(r, lengths), x)
+
+
+def test_bidirectional_mamba_sees_the_future_and_ignores_padding():
+    """Causal Mamba: an early position's output ignores later tokens; BiMamba: it does not (and padding is inert)."""
+    from ssmlab.core.seq_models import BiMamba, make_mixer
+
+    torch.manual_seed(3)
+    uni = make_mixer(_cfg("mamba")).eval()
+    bi = make_mixer(dataclasses.replace(_cfg("mamba"), bidirectional=True)).eval()
+    assert isinstance(bi, BiMamba)
+    assert param_count(bi) == 2 * param_count(uni)
+    x = torch.randn(1, 9, 16)
+    y = x.clone()
+    y[:, 6:] = torch.randn(1, 3, 16)  # change only the future of positions 0..5
+    mask = torch.ones(1, 9, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.allclose(uni(x, mask)[:, :6], uni(y, mask)[:, :6], atol=1e-6)
+        assert not torch.allclose(bi(x, mask)[:, :6], bi(y, mask)[:, :6], atol=1e-3)
+    model = build_model(dataclasses.replace(_cfg("mamba"), bidirectional=True)).eval()
+    seq = torch.randint(1, 40, (1, 7))
+    padded = torch.cat([seq, torch.zeros(1, 10, dtype=torch.long)], 1)
+    padded = torch.cat([padded, torch.randint(1, 40, (1, 17))])
+    with torch.no_grad():
+        assert torch.allclose(model(seq, torch.tensor([7])), model(padded, torch.tensor([7, 17]))[:1], atol=1e-5)

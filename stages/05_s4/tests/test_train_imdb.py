@@ -174,3 +174,15 @@ def test_bench_train_step_quick(tmp_path, capsys):
     assert [(r["tokenizer"], r["model"]) for r in rows] == [("bpe", "s4"), ("bpe", "mamba"), ("byte", "s4"),
                                                             ("byte", "mamba")]
     assert all(r["status"] == "ok" and r["step_ms"] > 0 for r in rows)
+
+
+def test_bidirectional_mamba_flag(main):
+    g = main.__globals__
+    a = g["resolve_settings"](g["parse_args"](["--model", "mamba", "--bidirectional", "--device", "cpu"]))
+    cfg = g["model_config"](a, 300)
+    assert cfg.bidirectional and type(g["build_model"](cfg).mixers[0]).__name__ == "BiMamba"
+    a = g["resolve_settings"](g["parse_args"](["--model", "mamba", "--device", "cpu"]))
+    assert not g["model_config"](a, 300).bidirectional  # Mamba stays causal by default
+    for bad in (["--model", "s4d", "--bidirectional"], ["--model", "mamba", "--bidirectional", "--causal"]):
+        with pytest.raises(SystemExit, match="bidirectional"):
+            g["resolve_settings"](g["parse_args"](bad + ["--device", "cpu"]))
