@@ -116,6 +116,9 @@ def _run_workers(worker: str, args: tuple, timeout: float) -> None:
     """Run `worker(rank, port, *args)` in WORLD processes; a hang fails the test after `timeout` s."""
     # Fork from a fresh interpreter: forking this process is unsafe once it has
     # run autograd on a GPU (autograd's device threads do not survive a fork).
+    # No GPU for the workers either (these are the gloo CPU tests): on a GPU machine
+    # a CUDA driver initialised before the fork (one torch.cuda query is enough) fails
+    # every CUDA call in the children, AdamW's graph-capture check among them.
     code = (
         "import importlib.util, torch.multiprocessing as mp\n"
         f"spec = importlib.util.spec_from_file_location('ddp_workers', {__file__!r})\n"
@@ -124,7 +127,8 @@ def _run_workers(worker: str, args: tuple, timeout: float) -> None:
     )
     # A session of its own, so that a timeout kills the workers too and not only their parent.
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+                            start_new_session=True)
     try:
         log, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
