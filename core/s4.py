@@ -140,6 +140,7 @@ class S4Kernel(nn.Module):
         self.C = nn.Parameter(torch.view_as_real(Ct).clone())  # C~, the truncated generating function's C
         for p in (self.log_dt, self.A_log, self.A_imag, self.P, self.B):
             p._no_weight_decay = True
+            p._ssm_param = True  # their own lr when TrainConfig.ssm_lr > 0
 
     def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(Λ (H, N'), P (r, H, N'), B (H, N'), C~ (c, H, N'), Δ (H,))."""

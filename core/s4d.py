@@ -143,6 +143,7 @@ class S4DKernel(nn.Module):
         self.C = nn.Parameter(torch.view_as_real(C).clone())  # (c, H, N', 2)
         for p in (self.log_dt, self.A_log, self.B) + ((self.A_imag,) if self.conj else ()):
             p._no_weight_decay = True  # SSM parameters: no weight decay (S4 convention)
+            p._ssm_param = True  # their own lr when TrainConfig.ssm_lr > 0
 
     def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(A (H, N'), B (H, N'), C (c, H, N'), dt (H,)) as complex / real tensors."""

@@ -4,6 +4,9 @@ The recipe:
 
 * AdamW with betas (0.9, 0.95) and weight decay 0.1, **not** applied to biases,
   normalisation weights, embeddings, ``A_log`` and ``D`` (see `param_groups`);
+  optionally (``ssm_lr > 0``) the S4/S4D state-space parameters (A, B, Δ)
+  in a group of their own with that peak lr and no weight decay, the S4
+  papers' convention;
 * learning rate: linear warmup, then cosine decay to ``min_lr_ratio * lr``
   (see `lr_factor`);
 * gradient clipping at global norm 1.0;
@@ -123,6 +126,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # β of the weight EMA (0: off; e.g. 0.999 averages over ~1000 steps)
     ema_start_step: int = 0  # the EMA copies the weights for this many steps before averaging
     # (so that it does not keep the random initialisation with weight β^t; see core/ema.py)
+    ssm_lr: float = 0.0  # peak lr of parameters tagged `_ssm_param` (S4/S4D's A, B, Δ; no weight decay);
+    # 0: they train at `lr` like the rest. The schedule scales it like `lr`.
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -139,6 +144,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.ssm_lr < 0:
+            raise ValueError(f"ssm_lr must be >= 0 (0: the same as lr), got {self.ssm_lr}")
         if not (self.ema_decay == 0 or 0 < self.ema_decay < 1):
             raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}")
         for name in ("log_every", "eval_every", "ckpt_every", "time_limit_s", "ema_start_step"):
@@ -167,27 +174,38 @@ def no_decay(name: str, param: Tensor, embedding_params: set[int]) -> bool:
     )
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: ``decay`` (matrices, conv kernels) and ``no_decay`` (the rest).
+def param_groups(model: nn.Module, weight_decay: float, ssm_lr: float = 0.0) -> list[dict]:
+    """AdamW groups: ``decay`` (matrices, conv kernels) and ``no_decay`` (the rest).
 
+    With ``ssm_lr > 0`` the parameters tagged ``_ssm_param`` (the state-space
+    parameters of S4 and S4D) leave ``no_decay`` for a third group, ``ssm``,
+    with that peak lr and no weight decay: their gradients are of another
+    scale than the projections', and the S4 papers train them slower.
     Each group also carries ``names`` (the parameter names, for inspection and
-    tests). A parameter shared by two modules (a tied LM head) is listed once.
+    tests) and ``group`` (its name). A parameter shared by two modules (a
+    tied LM head) is listed once.
     """
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, skip = {"params": [], "names": [], "weight_decay": weight_decay}, {"params": [], "names": [], "weight_decay": 0.0}
+    groups = {"decay": {"weight_decay": weight_decay}, "no_decay": {"weight_decay": 0.0},
+              "ssm": {"weight_decay": 0.0, "lr": ssm_lr}}
+    for name, g in groups.items():
+        g.update(params=[], names=[], group=name)
     for name, p in model.named_parameters():  # de-duplicates shared parameters
         if not p.requires_grad:
             continue
-        group = skip if no_decay(name, p, embedding_params) else decay
-        group["params"].append(p)
-        group["names"].append(name)
-    return [g for g in (decay, skip) if g["params"]]
+        if ssm_lr > 0 and getattr(p, "_ssm_param", False):
+            key = "ssm"
+        else:
+            key = "no_decay" if no_decay(name, p, embedding_params) else "decay"
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [g for g in groups.values() if g["params"]]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.weight_decay)
-    for g in groups:  # AdamW would keep the extra key in its state dict; keep names out of it
-        g.pop("names")
+    groups = param_groups(model, cfg.weight_decay, cfg.ssm_lr)
+    for g in groups:  # AdamW would keep extra keys in its state dict; keep the labels out of it
+        g.pop("names"), g.pop("group")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 

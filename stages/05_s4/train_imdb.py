@@ -98,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--ssm-lr", type=float, default=0.0,
+                   help="S4/S4D: peak lr of the state-space parameters (A, B, delta), no weight decay, as in the "
+                        "S4 papers (0: the same as --lr)")
     p.add_argument("--warmup-frac", type=float, default=0.1, help="fraction of steps spent in linear warmup")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema-decay", type=float, default=0.0,
@@ -156,6 +159,9 @@ def resolve_settings(a: argparse.Namespace) -> argparse.Namespace:
                          "unless --causal), and not together with --causal")
     if not (a.ema_decay == 0 or 0 < a.ema_decay < 1) or a.ema_start_step < 0:
         raise SystemExit("--ema-decay must be 0 (off) or in (0, 1), --ema-start-step >= 0")
+    if a.ssm_lr < 0 or (a.ssm_lr > 0 and a.model not in ("s4", "s4d")):
+        raise SystemExit("--ssm-lr must be >= 0, and is for --model s4 or s4d (the models with state-space parameters "
+                         "of their own)")
     return a
 
 
@@ -317,7 +323,7 @@ def main(argv=None) -> int:
                        grad_clip=a.grad_clip, device=a.device, precision=a.precision, seed=a.seed,
                        log_every=max(1, steps // 200), eval_every=eval_every, ckpt_every=max(50, steps // 10),
                        out_dir=str(run_dir), progress=not a.no_progress, time_limit_s=a.time_limit,
-                       ema_decay=a.ema_decay, ema_start_step=a.ema_start_step)
+                       ema_decay=a.ema_decay, ema_start_step=a.ema_start_step, ssm_lr=a.ssm_lr)
     amp_dtype = tcfg.autocast_dtype()
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     counter = {"tokens": 0, "padded": 0}
@@ -376,7 +382,7 @@ def main(argv=None) -> int:
         "train": {"steps": steps, "batch_size": a.batch_size, "epochs": steps / batches.steps_per_epoch(), "lr": a.lr,
                   "weight_decay": a.weight_decay, "warmup_steps": tcfg.warmup_steps, "grad_clip": a.grad_clip,
                   "precision": str(amp_dtype) if amp_dtype else "fp32", "seed": a.seed,
-                  "ema_decay": a.ema_decay, "ema_start_step": a.ema_start_step},
+                  "ema_decay": a.ema_decay, "ema_start_step": a.ema_start_step, "ssm_lr": a.ssm_lr},
         "keep_best": a.keep_best, "scored_weights": scored,
         "selected": {"step": kept.step, "metric": kept.metric, "value": kept.value} if kept is not None else None,
         "test": test, "val": val,

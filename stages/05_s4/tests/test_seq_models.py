@@ -176,3 +176,31 @@ def test_bidirectional_mamba_sees_the_future_and_ignores_padding():
     padded = torch.cat([padded, torch.randint(1, 40, (1, 17))])
     with torch.no_grad():
         assert torch.allclose(model(seq, torch.tensor([7])), model(padded, torch.tensor([7, 17]))[:1], atol=1e-5)
+
+
+@pytest.mark.parametrize("mixer", ["s4", "s4d"])
+def test_ssm_lr_puts_the_state_space_parameters_in_a_group_of_their_own(mixer):
+    from ssmlab.core.training import TrainConfig, make_optimizer, make_scheduler, param_groups
+
+    model = build_model(_cfg(mixer))
+    plain = {g["group"]: set(g["names"]) for g in param_groups(model, 0.05)}
+    assert set(plain) == {"decay", "no_decay"}  # ssm_lr = 0: the two groups of the recipe
+    groups = {g["group"]: g for g in param_groups(model, 0.05, ssm_lr=1e-3)}
+    ssm = set(groups["ssm"]["names"])
+    leaf = {"s4": {"log_dt", "A_log", "A_imag", "P", "B"}, "s4d": {"log_dt", "A_log", "A_imag", "B"}}[mixer]
+    want = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in leaf and ".kernel." in f".{n}."}
+    assert want and ssm == want, (ssm ^ want)
+    assert groups["ssm"]["lr"] == 1e-3 and groups["ssm"]["weight_decay"] == 0.0
+    assert ssm.isdisjoint(groups["no_decay"]["names"]) and ssm.isdisjoint(groups["decay"]["names"])
+    assert set(groups["no_decay"]["names"]) | ssm == plain["no_decay"]  # they only moved out of no_decay
+    assert set(groups["decay"]["names"]) == plain["decay"]
+    # the optimizer takes the group's own peak and the schedule scales every group alike
+    opt = make_optimizer(model, TrainConfig(lr=4e-3, ssm_lr=1e-3, warmup_steps=4, max_steps=20))
+    sched = make_scheduler(opt, TrainConfig(lr=4e-3, ssm_lr=1e-3, warmup_steps=4, max_steps=20))
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([1e-3 / 4, 4e-3 / 4, 4e-3 / 4])
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([1e-3, 4e-3, 4e-3])
+    with pytest.raises(ValueError, match="ssm_lr"):
+        TrainConfig(ssm_lr=-1.0)
