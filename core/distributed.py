@@ -283,16 +283,22 @@ def rank_config(cfg: TrainConfig, env: DistEnv) -> TrainConfig:
 
 def train_distributed(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, env: DistEnv,
                       eval_fn: Optional[Callable[[nn.Module], dict]] = None,
-                      on_step: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
+                      on_step: Optional[Callable[[int, dict], None]] = None,
+                      on_eval: Optional[Callable[[int, dict, nn.Module], None]] = None,
+                      extra_state: Any = None) -> TrainResult:
     """`ssmlab.core.training.train` over `env.world_size` processes (see the module docstring).
 
     model: the bare model (wrapped here) or a `DDPModel`; data: the *global* batch
     stream (same on every rank); cfg.device is replaced by env.device.
     eval_fn runs on every rank (it may use collectives, e.g. to split the
-    validation set; see `sharded_mean`).
+    validation set; see `sharded_mean`). on_eval and extra_state are train()'s:
+    on_eval runs on every rank and is given the bare model (so state_dict()
+    names carry no "module." prefix), and every rank restores extra_state from
+    rank 0's checkpoint on resume, so ranks that decide alike stay alike.
     """
     if not env.distributed:
-        return train(model, loss_fn, data, dataclasses.replace(cfg, device=env.device), eval_fn=eval_fn, on_step=on_step)
+        return train(model, loss_fn, data, dataclasses.replace(cfg, device=env.device), eval_fn=eval_fn,
+                     on_step=on_step, on_eval=on_eval, extra_state=extra_state)
     if cfg.time_limit_s > 0 and not cfg.ckpt_every:
         raise ValueError("under DDP, time_limit_s needs ckpt_every > 0 (the run stops at a checkpoint step)")
     ddp = model if isinstance(model, DistributedDataParallel) else wrap_model(model, env)
@@ -309,9 +315,10 @@ def train_distributed(model: nn.Module, loss_fn: Callable, data: Any, cfg: Train
             if broadcast_flag(time.perf_counter() - t0 >= cfg.time_limit_s, env):
                 raise _OutOfTime(step)
 
+    eval_hook = None if on_eval is None else (lambda step, metrics, m: on_eval(step, metrics, unwrap(m)))
     try:
         result = train(ddp, global_loss_fn(loss_fn, env, ddp, cfg.grad_accum), ShardedBatches(data, env), local_cfg,
-                       eval_fn=eval_fn, on_step=step_hook, ema=ema)
+                       eval_fn=eval_fn, on_step=step_hook, ema=ema, on_eval=eval_hook, extra_state=extra_state)
     except _OutOfTime as stop:  # rank 0 wrote the checkpoint of this step just before the hook ran
         result = TrainResult(step=stop.step, finished=False, ema=ema)
         if env.is_main and cfg.out_dir is not None:

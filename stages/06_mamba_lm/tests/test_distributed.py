@@ -106,6 +106,55 @@ def _worker(rank: int, port: int, root: str) -> None:
     D.teardown(env)
 
 
+class _Keeper:
+    """A keep-best stand-in: what on_eval saw, carried through checkpoints as extra_state."""
+
+    def __init__(self):
+        self.seen: list = []
+
+    def __call__(self, step, metrics, model):
+        assert not isinstance(model, torch.nn.parallel.DistributedDataParallel), "on_eval got the DDP wrapper"
+        first = next(iter(model.state_dict()))
+        self.seen.append([step, round(metrics["val_loss"], 6), first])
+
+    def state_dict(self):
+        return {"seen": [list(x) for x in self.seen]}
+
+    def load_state_dict(self, state):
+        self.seen = [list(x) for x in state["seen"]]
+
+
+def _val(model) -> dict:
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 16, (4, 13), generator=g)
+    return {"val_loss": _loss(model, (ids[:, :-1], ids[:, 1:]))[0].item()}
+
+
+def _hooks_worker(rank: int, port: int, root: str) -> None:
+    """on_eval / extra_state under DDP: an uninterrupted run and a killed-and-resumed one keep the same record."""
+    _as_rank(rank, port)
+    env = D.setup("cpu")
+    root = Path(root)
+    records = {}
+    for name, kill_at in (("whole", None), ("resumed", 2)):
+        cfg = _cfg(root / name)
+        cfg.eval_every = 1
+        if kill_at is not None:
+            def kill(step, record):
+                if step == kill_at:
+                    raise Killed
+
+            doomed = _Keeper()
+            with pytest.raises(Killed):
+                D.train_distributed(_model(), _loss, _data(), cfg, env, eval_fn=_val, on_step=kill,
+                                    on_eval=doomed, extra_state=doomed)
+        keeper = _Keeper()
+        D.train_distributed(_model(), _loss, _data(), cfg, env, eval_fn=_val, on_eval=keeper, extra_state=keeper)
+        records[name] = keeper.seen
+    (root / f"rank{rank}.json").write_text(json.dumps(records))
+    D.teardown(env)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -247,3 +296,14 @@ def test_shard_and_env_errors():
         D.setup("tpu")
     env = D.setup("cpu")  # no torchrun variables here: one plain process
     assert not env.distributed and env.is_main and env.device == "cpu"
+
+
+def test_on_eval_and_extra_state_under_ddp(tmp_path):
+    _run_workers("_hooks_worker", (str(tmp_path),), timeout=600)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    whole = ranks[0]["whole"]
+    assert [s for s, _, _ in whole] == list(range(1, STEPS + 1))  # one call per validation
+    assert all(not name.startswith("module.") for _, _, name in whole)  # the bare model
+    for rec in ranks:
+        # the resumed run's record came back from rank 0's checkpoint of step 2, then went on
+        assert rec["whole"] == whole and rec["resumed"] == whole, rec
