@@ -186,3 +186,22 @@ def test_bidirectional_mamba_flag(main):
     for bad in (["--model", "s4d", "--bidirectional"], ["--model", "mamba", "--bidirectional", "--causal"]):
         with pytest.raises(SystemExit, match="bidirectional"):
             g["resolve_settings"](g["parse_args"](bad + ["--device", "cpu"]))
+
+
+def test_ssm_lr_run_trains_the_state_space_parameters_at_their_own_rate(tmp_path, isolated_cache, make_fake_imdb,
+                                                                         main):
+    archive = make_fake_imdb(tmp_path / "fake.tar.gz", per_folder=20)
+    args = ["--data", str(archive), "--per-folder", "20", "--model", "s4d", "--s4d-init", "lin", "--tokenizer", "byte",
+            "--d-model", "16", "--d-state", "8", "--steps", "3", "--batch-size", "8", "--lr", "4e-3",
+            "--ssm-lr", "1e-3", "--device", "cpu", "--run-dir", str(tmp_path / "run"),
+            "--results", str(tmp_path / "res"), "--no-progress", "--name", "t"]
+    assert main(args) == 0
+    out = json.loads((tmp_path / "res" / "t.json").read_text())
+    assert out["train"]["ssm_lr"] == 1e-3 and out["train"]["lr"] == 4e-3
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    peaks = sorted(g["initial_lr"] for g in state["optimizer"]["param_groups"])
+    assert peaks == pytest.approx([1e-3, 4e-3, 4e-3])  # the ssm group, then decay and no_decay
+    g = main.__globals__
+    for bad in (["--model", "mamba", "--ssm-lr", "1e-3"], ["--model", "s4d", "--ssm-lr", "-1"]):
+        with pytest.raises(SystemExit, match="ssm-lr"):
+            g["resolve_settings"](g["parse_args"](bad + ["--device", "cpu"]))
