@@ -114,8 +114,13 @@ def chunked_lm_loss(model, x, y, V: int, chunk_tokens: int = 8192, hidden=None):
 # --------------------------------------------------------------------------- 1. training
 
 
-def bench_train(name, mcfg, lengths, tokens_per_step, device, timer, warmup, repeats, log, compile=False) -> list[dict]:
-    """Training rows of one model; `compile`: its body through torch.compile (rows named '<model>+compile')."""
+def bench_train(name, mcfg, lengths, tokens_per_step, device, timer, warmup, repeats, log, compile=False,
+                profile_dir: Optional[Path] = None) -> list[dict]:
+    """Training rows of one model; `compile`: its body through torch.compile (rows named '<model>+compile').
+
+    `profile_dir`: after timing each length, run two more steps under torch.profiler and
+    write its table (operators and kernels by device time) to ``profile_<model>_L<L>.txt``.
+    """
     rows = []
     torch.manual_seed(0)
     model, n_params, _ = build_matched_lm(name, mcfg, device=device)
@@ -157,6 +162,8 @@ def bench_train(name, mcfg, lengths, tokens_per_step, device, timer, warmup, rep
             med = statistics.median(times)
             row.update(status="ok", step_s=med, tokens_per_s=B * L / med, peak_gib=peak_gib(device),
                        times_s=times)
+            if profile_dir is not None:
+                profile_steps(step, device, profile_dir / f"profile_{label}_L{L}.txt", f"{label} L={L} B={B}")
         except RuntimeError as err:
             if not is_oom(err):
                 raise
@@ -169,6 +176,22 @@ def bench_train(name, mcfg, lengths, tokens_per_step, device, timer, warmup, rep
     del model, opt
     reset_memory(device)
     return rows
+
+
+def profile_steps(step, device: torch.device, path: Path, title: str, steps: int = 2) -> None:
+    """Where a training step's time goes: `steps` steps under torch.profiler, table sorted by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90)
+    atomic_write_text(f"===== {title}, {steps} steps\n{table}\n", path)
+    print(f"profile -> {path}", flush=True)
 
 
 # --------------------------------------------------------------------------- 2. generation
@@ -510,6 +533,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mem-lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
     p.add_argument("--compile", action="store_true",
                    help="train: also time each model with its body through torch.compile (rows '<model>+compile')")
+    p.add_argument("--profile", action="store_true",
+                   help="train: also profile two steps per row (torch.profiler) into OUT/profile_<model>_L<L>.txt")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--gen-warmup", type=int, default=1, help="gen: warm-up generations per row (eager ones take seconds)")
@@ -550,7 +575,8 @@ def main(argv=None) -> dict:
         new = []
         for name in args.models:
             if section == "train":
-                new += bench_train(name, mcfg, args.lengths, args.tokens_per_step, device, timer, args.warmup, args.repeats, log)
+                new += bench_train(name, mcfg, args.lengths, args.tokens_per_step, device, timer, args.warmup, args.repeats, log,
+                                   profile_dir=out if args.profile else None)
                 if args.compile:
                     new += bench_train(name, mcfg, args.lengths, args.tokens_per_step, device, timer, args.warmup,
                                        args.repeats, log, compile=True)
