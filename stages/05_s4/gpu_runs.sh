@@ -26,6 +26,7 @@
 #   byte-s4d-ssmlr  byte-s4-ssmlr                   bytes, lr 5e-3 with --ssm-lr 1e-3 (the S4 convention), 10 epochs, best val AUC
 #   byte-s4d-ssmlr-14ep                             byte-s4d-ssmlr for 14 epochs (the 10-epoch run's val AUC was still rising)
 #   bpe-s4d-ssmlr                                   BPE S4D at lr 2e-3 with --ssm-lr 1e-3, best val AUC
+#   bpe-s4d-ssmlr-seed1  bpe-s4-ssmlr               the same with seed 1; S4 with the same recipe
 #   bench                                           kernel generation time / memory vs L (up to 131072)
 #   charlm                                          S4D character LM (the ladder's corpus), ~2.7M params
 #
@@ -73,6 +74,8 @@ case "$job" in
   byte-s4-ssmlr)    NAME=imdb_s4_byte_ssmlr_10ep run_imdb byte s4 --lr 5e-3 --ssm-lr 1e-3 --epochs 10 --keep-best auc ;;
   byte-s4d-ssmlr-14ep) NAME=imdb_s4d_byte_ssmlr_14ep run_imdb byte s4d --lr 5e-3 --ssm-lr 1e-3 --epochs 14 --keep-best auc ;;
   bpe-s4d-ssmlr)    NAME=imdb_s4d_bpe_ssmlr run_imdb bpe s4d --lr 2e-3 --ssm-lr 1e-3 --keep-best auc ;;
+  bpe-s4d-ssmlr-seed1) NAME=imdb_s4d_bpe_ssmlr_seed1 run_imdb bpe s4d --lr 2e-3 --ssm-lr 1e-3 --keep-best auc --seed 1 ;;
+  bpe-s4-ssmlr)     NAME=imdb_s4_bpe_ssmlr run_imdb bpe s4 --lr 2e-3 --ssm-lr 1e-3 --keep-best auc ;;
   bpe-s4d-7ep)      NAME=imdb_s4d_bpe_7ep run_imdb bpe s4d --epochs 7 --keep-best auc ;;
   bench)
     "$PY" "$STAGE/bench_kernel.py" --device cuda --H 256
