@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ssmlab.core.mamba import MambaConfig, MambaLMHeadModel
+from ssmlab.core.state_passing import passed_states
 from ssmlab.core.transformer import TransformerLM, match_mamba
 from ssmlab.core.training import TrainConfig, train
 from ssmlab.datasets.synthetic import IGNORE
@@ -51,6 +52,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="max test tokens per length: long lengths get fewer examples (at least 32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on CUDA")
+    p.add_argument("--state-passing", action="store_true",
+                   help="Mamba: half of each batch starts from another training sequence's final state instead of "
+                        "zero (ssmlab.core.state_passing), to length-generalize")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these tiny models on a shared CPU)")
     p.add_argument("--time-limit-min", type=float, default=0.0,
@@ -95,7 +99,16 @@ def build_model(kind: str, vocab_size: int, args: argparse.Namespace) -> MambaLM
 
 def masked_loss(model, batch):
     x, y = batch
-    logits = model(x).float()
+    return _loss_and_acc(model(x).float(), y)
+
+
+def state_passing_loss(model, batch):
+    """`masked_loss` with the even rows of the batch started from their neighbour's final state."""
+    x, y = batch
+    return _loss_and_acc(model(x, passed_states(model, x)).float(), y)
+
+
+def _loss_and_acc(logits, y):
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
     mask = y != IGNORE
     acc = (logits.argmax(-1)[mask] == y[mask]).float().mean()
@@ -147,7 +160,10 @@ def train_model(model, data, args, out_dir: Path, eval_fn=None) -> dict:
                       eval_every=args.steps // 10 if eval_fn else 0, ckpt_every=max(1, args.steps // 10),
                       out_dir=str(out_dir), progress=not args.no_progress, time_limit_s=time_left_s(args))
     t0 = time.perf_counter()
-    result = train(model, masked_loss, data, cfg, eval_fn=eval_fn)
+    if getattr(args, "state_passing", False) and not (isinstance(model, MambaLMHeadModel) and model.config.mixer == "mamba"):
+        raise SystemExit("--state-passing is for the Mamba model only (--models mamba)")
+    loss = state_passing_loss if getattr(args, "state_passing", False) else masked_loss
+    result = train(model, loss, data, cfg, eval_fn=eval_fn)
     log = out_dir / "log.jsonl"  # all chunks of a resumed run, not only this call's
     records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []
     last = [r for r in records if r.get("kind") == "train"]
