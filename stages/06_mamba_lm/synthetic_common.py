@@ -72,6 +72,9 @@ def fill_defaults(args: argparse.Namespace, presets: dict) -> argparse.Namespace
             setattr(args, key, value)
     if args.warmup is None:
         args.warmup = max(1, args.steps // 20)
+    if getattr(args, "state_passing", False) and set(args.models.split(",")) != {"mamba"}:
+        # refused before anything trains, not after the first model's run
+        raise SystemExit(f"--state-passing is for the Mamba model only (--models mamba), got --models {args.models}")
     args._t_start = time.perf_counter()
     stage = Path(__file__).resolve().parent
     if args.runs is None:
@@ -160,8 +163,6 @@ def train_model(model, data, args, out_dir: Path, eval_fn=None) -> dict:
                       eval_every=args.steps // 10 if eval_fn else 0, ckpt_every=max(1, args.steps // 10),
                       out_dir=str(out_dir), progress=not args.no_progress, time_limit_s=time_left_s(args))
     t0 = time.perf_counter()
-    if getattr(args, "state_passing", False) and not (isinstance(model, MambaLMHeadModel) and model.config.mixer == "mamba"):
-        raise SystemExit("--state-passing is for the Mamba model only (--models mamba)")
     loss = state_passing_loss if getattr(args, "state_passing", False) else masked_loss
     result = train(model, loss, data, cfg, eval_fn=eval_fn)
     log = out_dir / "log.jsonl"  # all chunks of a resumed run, not only this call's

@@ -71,5 +71,6 @@ def test_selective_copying_with_state_passing_runs(tmp_path, monkeypatch):
     assert script.main(["--models", "mamba", *common]) == 0
     res = json.loads((tmp_path / "selective_copying_cpu.json").read_text())
     assert res["args"]["state_passing"] is True and res["models"]["mamba"]["steps_done"] == 3
-    with pytest.raises(SystemExit, match="Mamba model only"):
-        script.main(["--models", "s4d", *common])
+    for models in ("s4d", "mamba,s4d"):  # refused before any model trains
+        with pytest.raises(SystemExit, match="Mamba model only"):
+            script.main(["--models", models, *common])
