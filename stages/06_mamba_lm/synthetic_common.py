@@ -72,7 +72,7 @@ def fill_defaults(args: argparse.Namespace, presets: dict) -> argparse.Namespace
             setattr(args, key, value)
     if args.warmup is None:
         args.warmup = max(1, args.steps // 20)
-    if getattr(args, "state_passing", False) and set(args.models.split(",")) != {"mamba"}:
+    if args.state_passing and set(args.models.split(",")) != {"mamba"}:
         # refused before anything trains, not after the first model's run
         raise SystemExit(f"--state-passing is for the Mamba model only (--models mamba), got --models {args.models}")
     args._t_start = time.perf_counter()
@@ -163,7 +163,7 @@ def train_model(model, data, args, out_dir: Path, eval_fn=None) -> dict:
                       eval_every=args.steps // 10 if eval_fn else 0, ckpt_every=max(1, args.steps // 10),
                       out_dir=str(out_dir), progress=not args.no_progress, time_limit_s=time_left_s(args))
     t0 = time.perf_counter()
-    loss = state_passing_loss if getattr(args, "state_passing", False) else masked_loss
+    loss = state_passing_loss if args.state_passing else masked_loss
     result = train(model, loss, data, cfg, eval_fn=eval_fn)
     log = out_dir / "log.jsonl"  # all chunks of a resumed run, not only this call's
     records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []
