@@ -59,10 +59,13 @@ stops cleanly (checkpoint written, ``result.finished == False``) so it can be
 run in chunks of bounded wall time.
 
 Data streams: anything with ``__next__`` works; for exact resume it must also
-have ``state_dict()`` / ``load_state_dict()``. Two are provided:
+have ``state_dict()`` / ``load_state_dict()``. Three are provided:
 `EpochBatches` (shuffled epochs over an indexable data set; state = epoch and
-cursor) and `GeneratedBatches` (a function of a seeded `torch.Generator`, for
-synthetic tasks; state = the generator's state).
+cursor), `GeneratedBatches` (a function of a seeded `torch.Generator`, for
+synthetic tasks; state = the generator's state) and `CurriculumBatches`
+(generated batches whose length grows in phases, a length curriculum; state =
+the generator's state and the number of batches drawn, so a resumed run picks
+up in the right phase).
 """
 
 from __future__ import annotations
@@ -325,6 +328,72 @@ class GeneratedBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+class CurriculumBatches:
+    """Generated batches whose length follows a curriculum: ``make(length, generator)`` in phases.
+
+    ``phases`` is a list of ``(length, n_batches)``: the first ``n_batches``
+    batches are drawn at the first length, the next ones at the second, and
+    so on; after the last phase the stream stays at the last length. With
+    ``grad_accum == 1`` a batch is an optimizer step, so the phases are counted
+    in steps while the learning-rate schedule runs once over their total.
+    One seeded `torch.Generator` (CPU) serves every phase. The state is that
+    generator's state and the number of batches drawn, so a run resumed from a
+    checkpoint continues in the phase, and at the batch, where it stopped.
+    """
+
+    def __init__(self, make: Callable[[int, torch.Generator], Any], phases: list[tuple[int, int]], seed: int = 0):
+        phases = [(int(length), int(n)) for length, n in phases]
+        if not phases:
+            raise ValueError("a curriculum needs at least one phase")
+        if any(length < 1 or n < 1 for length, n in phases):
+            raise ValueError(f"every phase needs a length >= 1 and >= 1 batches, got {phases}")
+        self.make, self.phases = make, phases
+        self.generator = torch.Generator().manual_seed(seed)
+        self.drawn = 0  # batches drawn so far
+
+    @property
+    def total(self) -> int:
+        """Batches in all phases together."""
+        return sum(n for _, n in self.phases)
+
+    def phase_of(self, index: int) -> int:
+        """Which phase (0-based) batch number `index` (0-based) belongs to; the last one past the end."""
+        end = 0
+        for k, (_, n) in enumerate(self.phases):
+            end += n
+            if index < end:
+                return k
+        return len(self.phases) - 1
+
+    def length_at(self, index: int) -> int:
+        """The length of batch number `index` (0-based)."""
+        return self.phases[self.phase_of(index)][0]
+
+    @property
+    def last_length(self) -> int:
+        """The length of the batch drawn last (the first phase's before any batch): what was just trained on."""
+        return self.length_at(max(self.drawn - 1, 0))
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        batch = self.make(self.length_at(self.drawn), self.generator)
+        self.drawn += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "drawn": self.drawn, "phases": [list(p) for p in self.phases]}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = [tuple(p) for p in state["phases"]]
+        if saved != self.phases:
+            # resuming under other phases would silently train a run that neither curriculum describes
+            raise ValueError(f"the checkpoint was written with the curriculum {saved}, not {self.phases}")
+        self.generator.set_state(state["generator"])
+        self.drawn = state["drawn"]
 
 
 def to_device(batch: Any, device: Union[str, torch.device]) -> Any:
@@ -605,7 +674,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: Any, cfg: TrainConfig,
 
 
 __all__ = [
-    "CHECKPOINT_NAME", "EXTRA_STATE_KEY", "LIVE_SUFFIX", "LOG_NAME", "EpochBatches", "GeneratedBatches", "StepTimer",
+    "CHECKPOINT_NAME", "CurriculumBatches", "EXTRA_STATE_KEY", "LIVE_SUFFIX", "LOG_NAME", "EpochBatches", "GeneratedBatches", "StepTimer",
     "TrainConfig", "TrainResult", "WarmupCosine", "load_checkpoint", "lr_factor", "make_ema", "make_optimizer",
     "make_scheduler", "no_decay", "param_groups", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state",
     "to_device", "train",
