@@ -12,6 +12,8 @@
 #
 # Jobs (one model per job so each fits a 10-minute slot; rerun a job while it exits 75):
 #   sc-paper-mamba  sc-paper-s4d  sc-paper-s4d-nogate     selective copying, paper: V=16, 16 tokens, context 4096
+#   sc-paper-mamba-curriculum                             the same Mamba with a length curriculum, 256 -> 1024 -> 4096
+#                                                         (CURRICULUM below); results/selective_copying_paper_curriculum.json
 #   sc-study-mamba  sc-study-s4d  sc-study-s4d-nogate     selective copying, reference study: V=30, L=64 -> 128, 10k examples
 #   ih-paper-mamba  ih-paper-s4d  ih-paper-transformer     induction heads, paper: V=16, train 256, test 2^6 .. 2^20
 #
@@ -22,9 +24,19 @@ cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 STAGE=stages/06_mamba_lm
 COMMON=(--device cuda --precision auto --time-limit-min 7 --threads 4 --no-progress)
+# Length curriculum (context:steps): the model learns the copying at short contexts, then the paper's 4096.
+# Step costs on the H100 alone (batch 64, D = 64; results/gpu_logs/call_p/sc_paper_mamba_log.jsonl once the
+# other jobs had ended, and the induction-heads paper run): ~22 ms at 4096, ~15 ms at 256. Short steps are
+# bound by per-step overhead, so they are only ~1.5x cheaper: the gain sought is fewer steps to learn the
+# task, not cheaper steps. The default is ~5.5 minutes of training alone on the GPU; shared with eight other
+# jobs (3-5x slower) it takes three calls (exit 75, rerun). Override with CURRICULUM=... (a new curriculum
+# needs a new --tag or an empty runs/ folder: a resume checks that the checkpoint's curriculum is the same).
+CURRICULUM=${CURRICULUM:-256:8000,1024:4000,4096:6000}
 
 job=${1:-list}
 case "$job" in
+  sc-paper-mamba-curriculum)
+    exec "$PY" "$STAGE/selective_copying.py" --preset paper --models mamba --curriculum "$CURRICULUM" --tag curriculum "${COMMON[@]}" ;;
   sc-paper-*)  exec "$PY" "$STAGE/selective_copying.py" --preset paper --models "${job#sc-paper-}" "${COMMON[@]}" ;;
   sc-study-*)  exec "$PY" "$STAGE/selective_copying.py" --preset study --models "${job#sc-study-}" "${COMMON[@]}" ;;
   ih-paper-*)  exec "$PY" "$STAGE/induction_heads.py" --preset paper --models "${job#ih-paper-}" "${COMMON[@]}" ;;
