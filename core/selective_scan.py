@@ -37,8 +37,10 @@ and the last state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable, Optional, Union
+import os
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -297,6 +299,45 @@ def chunk_len(device: torch.device) -> int:
     return int(_native_fn("chunk_len", device)())
 
 
+def _segments_from_env() -> int:
+    raw = os.environ.get("SSMLAB_CUDA_SEGMENTS", "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit():
+        raise ValueError(f"SSMLAB_CUDA_SEGMENTS must be an integer >= 0 (0: automatic), got {raw!r}")
+    return int(raw)
+
+
+# How many pieces the CUDA kernels split the length into (0: their own choice,
+# made from batch x channels and the GPU's SM count; see ssmlab/selective_scan.h).
+# SSMLAB_CUDA_SEGMENTS sets it for a whole process (1: never split).
+_CUDA_SEGMENTS = _segments_from_env()
+
+
+@contextlib.contextmanager
+def cuda_length_segments(n: int) -> Iterator[None]:
+    """Inside the block, CUDA scans split the length into at most `n` pieces (0: automatic).
+
+    For tests and benchmarks: the result is the same up to rounding whatever `n`
+    is; the split only changes how the work is spread over the GPU.
+    """
+    global _CUDA_SEGMENTS
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"cuda_length_segments: n must be an int >= 0, got {n!r}")
+    old, _CUDA_SEGMENTS = _CUDA_SEGMENTS, n
+    try:
+        yield
+    finally:
+        _CUDA_SEGMENTS = old
+
+
+def cuda_segments_for(batch: int, dim: int, length: int, dstate: int = 16, groups: int = 1) -> int:
+    """The number of length pieces the CUDA kernels use for this shape on the current GPU."""
+    p = native.native_module().SelectiveScanParams()
+    p.batch, p.dim, p.length, p.dstate, p.groups, p.segments = batch, dim, length, dstate, groups, _CUDA_SEGMENTS
+    return int(_native_fn("segments", torch.device("cuda"))(p))
+
+
 def _strides(t: Tensor, k: int) -> tuple:
     return tuple(int(s) for s in t.stride()[:k])
 
@@ -307,6 +348,7 @@ def _params(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus):
     p.dstate = A.shape[1]
     p.groups = B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
     p.chunk_len = chunk_len(u.device)
+    p.segments = _CUDA_SEGMENTS
     p.dtype = native.DTYPE_CODES[u.dtype]
     p.is_variable_B, p.is_variable_C, p.delta_softplus = B.dim() == 4, C.dim() == 4, bool(delta_softplus)
     p.u, p.u_stride = u.data_ptr(), _strides(u, 2)
@@ -344,8 +386,22 @@ def _fwd_op(
     p = _params(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
     p.out, p.out_stride = out.data_ptr(), _strides(out, 2)
     p.last_state, p.chunk_states = last.data_ptr(), states.data_ptr()
+    workspace = _fwd_workspace(u, p)  # kept alive until the kernel is enqueued (stream-ordered reuse after)
     native.run_kernel(_native_fn("fwd", u.device), u.device, p)
+    del workspace
     return out, last, states
+
+
+def _fwd_workspace(u: Tensor, p) -> Optional[Tensor]:
+    """Scratch of a forward whose length the kernel splits (None when it needs none)."""
+    kind = "cuda" if u.device.type == "cuda" else "cpu"
+    query = getattr(native.native_module(), f"selective_scan_fwd_workspace_bytes_{kind}", None)
+    nbytes = int(query(p)) if query is not None else 0
+    if nbytes == 0:
+        return None
+    workspace = u.new_empty((nbytes,), dtype=torch.uint8)
+    p.workspace = workspace.data_ptr()
+    return workspace
 
 
 @_fwd_op.register_fake
@@ -417,6 +473,9 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_
 def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
     ctx.delta_softplus = delta_softplus
+    # Unused outputs (the last state, always the chunk states) get None, not a
+    # zero-filled gradient: ~100 MB of zeros a layer for the 130M model at 65,536 tokens.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
 
 

@@ -112,6 +112,7 @@ void bind_selective_scan(py::module_& m) {
       .def_readwrite("dstate", &P::dstate)
       .def_readwrite("groups", &P::groups)
       .def_readwrite("chunk_len", &P::chunk_len)
+      .def_readwrite("segments", &P::segments)
       .def_property(
           "dtype", [](const P& p) { return int(p.dtype); }, [](P& p, int d) { p.dtype = DType(d); })
       .def_readwrite("is_variable_B", &P::is_variable_B)
@@ -154,12 +155,15 @@ void bind_selective_scan(py::module_& m) {
   m.def("selective_scan_bwd_cpu", &selective_scan_bwd_cpu, nogil);
   m.def("selective_scan_chunk_len_cpu", &selective_scan_chunk_len_cpu);
   m.def("selective_scan_bwd_workspace_bytes_cpu", &selective_scan_bwd_workspace_bytes_cpu);
+  m.def("selective_scan_fwd_workspace_bytes_cpu", &selective_scan_fwd_workspace_bytes_cpu);
 #if defined(SSMLAB_WITH_CUDA) && defined(SSMLAB_WITH_CUDA_SELECTIVE_SCAN)
   // See the note at the top of ssmlab/selective_scan.h.
   m.def("selective_scan_fwd_cuda", &selective_scan_fwd_cuda, nogil);
   m.def("selective_scan_bwd_cuda", &selective_scan_bwd_cuda, nogil);
   m.def("selective_scan_chunk_len_cuda", &selective_scan_chunk_len_cuda);
   m.def("selective_scan_bwd_workspace_bytes_cuda", &selective_scan_bwd_workspace_bytes_cuda);
+  m.def("selective_scan_fwd_workspace_bytes_cuda", &selective_scan_fwd_workspace_bytes_cuda);
+  m.def("selective_scan_segments_cuda", &selective_scan_segments_cuda);
 #endif
 }
 

@@ -1048,6 +1048,9 @@ size_t selective_scan_bwd_workspace_bytes_cpu(const SelectiveScanParams& p) {
   if (p.groups <= 0 || p.dim % p.groups != 0) return 0;
   return ss_portable::workspace_floats(p) * sizeof(float);
 }
+
+// The CPU forward splits nothing across threads along L, so it needs no scratch.
+size_t selective_scan_fwd_workspace_bytes_cpu(const SelectiveScanParams&) { return 0; }
 #endif  // !SSMLAB_SS_AVX2_TU
 
 }  // namespace ssmlab

@@ -2,6 +2,8 @@
 // dtype dispatch, the backward's workspace, and the deterministic reduction
 // that turns the backward's per-row / per-block partial sums into grad A, B,
 // C, D and delta_bias, always adding in index order.
+#include <algorithm>
+
 #include "selective_scan_kernels.cuh"
 
 namespace ssmlab {
@@ -16,14 +18,15 @@ extern template void launch_bwd<BFloat16>(const P&, const BwdWorkspace&);
 
 namespace {
 
-// grad A (dim, N), time-invariant grad B / C (dim, N): sum over batch.
-// grad D, grad delta_bias (dim,): sum over batch.
+// grad A (dim, N), time-invariant grad B / C (dim, N): sum over batch (and
+// the pieces of a split length, piece-major).
+// grad D, grad delta_bias (dim,): the same sums.
 __global__ void reduce_params_kernel(P p, BwdWorkspace ws) {
-  const int64_t N = p.dstate, DN = p.dim * N;
+  const int64_t N = p.dstate, DN = p.dim * N, parts = p.batch * p.segments;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < DN + p.dim; i += int64_t(gridDim.x) * blockDim.x) {
     if (i < DN) {
       float a = 0.0f, b = 0.0f, c = 0.0f;
-      for (int64_t bi = 0; bi < p.batch; ++bi) {
+      for (int64_t bi = 0; bi < parts; ++bi) {
         a += ws.gA[bi * DN + i];
         if (!p.is_variable_B) b += ws.gBc[bi * DN + i];
         if (!p.is_variable_C) c += ws.gCc[bi * DN + i];
@@ -34,7 +37,7 @@ __global__ void reduce_params_kernel(P p, BwdWorkspace ws) {
     } else {
       const int64_t d = i - DN;
       float gd = 0.0f, gb = 0.0f;
-      for (int64_t bi = 0; bi < p.batch; ++bi) {
+      for (int64_t bi = 0; bi < parts; ++bi) {
         gd += ws.gD[bi * p.dim + d];
         gb += ws.gbias[bi * p.dim + d];
       }
@@ -84,18 +87,66 @@ void by_dtype(DType dt, F&& f) {
   }
 }
 
+int sm_count() {
+  static int cache[64] = {};
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "selective_scan: cudaGetDevice");
+  if (dev < 64 && cache[dev]) return cache[dev];
+  int n = 0;
+  cuda_check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev), "selective_scan: SM count");
+  if (dev < 64) cache[dev] = n;
+  return n;
+}
+
+constexpr int64_t kMaxSegments = 64;
+constexpr int64_t kMinChunksPerSegment = 4;  // 256 steps: keeps the first pass and the combine short
+
+// How many pieces to split the length into. The grid is one block per 32
+// channels of one batch row; when that is too few blocks for the GPU (B = 4,
+// D = 1536 gives 192 blocks for 132 SMs that hold 3 each), splitting the length
+// multiplies the blocks, at the price of a first pass over all pieces but one.
+// Measured on the H100 at 65,536 tokens, D = 1536, N = 16, bf16 (forward +
+// backward, stages/04_selective_scan/bench_split.py): at 768 or 384 blocks
+// (B = 16 or 8) any split is slower (5.9 -> 6.9 ms for 2 pieces), at 192
+// blocks 2 pieces are best (9.8 -> 7.6 ms; 4 pieces 7.7 ms). So: no split
+// from 60% of one wave up, else as many pieces as fill one wave.
+// p.segments > 0 forces (at most) that many. The count is trimmed so that no
+// piece is empty.
+int64_t resolve_segments(const P& p) {
+  const int64_t nch = (p.length + kChunk - 1) / kChunk;
+  int64_t want = p.segments;
+  if (want <= 0) {
+    const int64_t blocks = grid_size(p, BwdWorkspace::kRowsPerBlock), slots = 3 * int64_t(sm_count());
+    want = 5 * blocks >= 3 * slots ? 1 : slots / blocks;
+    want = std::min(want, nch / kMinChunksPerSegment);
+  }
+  want = std::max<int64_t>(1, std::min({want, nch, kMaxSegments}));
+  const int64_t per = (nch + want - 1) / want;
+  return (nch + per - 1) / per;
+}
+
+P resolved(const P& p) {
+  P q = p;
+  q.segments = resolve_segments(p);
+  return q;
+}
+
 }  // namespace
 }  // namespace ss
 
-void selective_scan_fwd_cuda(const SelectiveScanParams& p) {
-  ss::check(p, "selective_scan_fwd_cuda");
-  if (p.batch == 0 || p.dim == 0 || p.length == 0) return;
+void selective_scan_fwd_cuda(const SelectiveScanParams& params) {
+  ss::check(params, "selective_scan_fwd_cuda");
+  if (params.batch == 0 || params.dim == 0 || params.length == 0) return;
+  const SelectiveScanParams p = ss::resolved(params);
+  if (p.segments > 1 && !p.workspace)
+    throw std::invalid_argument("selective_scan_fwd_cuda: workspace is null (see selective_scan_fwd_workspace_bytes)");
   ss::by_dtype(p.dtype, [&](auto tag) { ss::launch_fwd<decltype(tag)>(p); });
 }
 
-void selective_scan_bwd_cuda(const SelectiveScanParams& p) {
-  ss::check(p, "selective_scan_bwd_cuda");
-  if (p.batch == 0 || p.dim == 0 || p.length == 0) return;
+void selective_scan_bwd_cuda(const SelectiveScanParams& params) {
+  ss::check(params, "selective_scan_bwd_cuda");
+  if (params.batch == 0 || params.dim == 0 || params.length == 0) return;
+  const SelectiveScanParams p = ss::resolved(params);
   if (!p.chunk_states && p.length > ss::kChunk)
     throw std::invalid_argument("selective_scan_bwd_cuda: chunk_states from the forward are required");
   if (!p.workspace) throw std::invalid_argument("selective_scan_bwd_cuda: workspace is null");
@@ -120,7 +171,18 @@ int64_t selective_scan_chunk_len_cuda() { return ss::kChunk; }
 
 size_t selective_scan_bwd_workspace_bytes_cuda(const SelectiveScanParams& p) {
   if (p.groups <= 0 || p.dim % p.groups != 0) return 0;
-  return size_t(ss::BwdWorkspace::floats(p)) * sizeof(float);
+  if (p.batch == 0 || p.dim == 0 || p.length == 0) return size_t(ss::BwdWorkspace::floats(p)) * sizeof(float);
+  return size_t(ss::BwdWorkspace::floats(ss::resolved(p))) * sizeof(float);
+}
+
+size_t selective_scan_fwd_workspace_bytes_cuda(const SelectiveScanParams& p) {
+  if (p.groups <= 0 || p.dim % p.groups != 0 || p.batch == 0 || p.dim == 0 || p.length == 0) return 0;
+  return size_t(ss::SegScratch::floats(ss::resolved(p))) * sizeof(float);
+}
+
+int64_t selective_scan_segments_cuda(const SelectiveScanParams& p) {
+  if (p.groups <= 0 || p.dim % p.groups != 0 || p.batch == 0 || p.dim == 0 || p.length == 0) return 1;
+  return ss::resolve_segments(p);
 }
 
 }  // namespace ssmlab

@@ -67,29 +67,62 @@ __device__ __forceinline__ float softplus(float x) {
 }
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + ex2(-x * kLog2e)); }
 
-// Layout of the workspace (floats) for the backward.
+__host__ __device__ inline int64_t round32(int64_t n) { return (n + 31) / 32 * 32; }  // 128-byte aligned parts
+
+// Scratch of a length-split scan (p.segments > 1 pieces): per row and piece,
+// the piece's local result from zero (forward: its end state; backward: the
+// adjoint carry leaving its first step) and the sum of its Δ, whose
+// exponential exp(A ΣΔ) is the piece's decay. The main pass combines the
+// pieces before its own in order, so every piece starts from its true value.
+struct SegScratch {
+  float *h, *dsum;  // [(row * segments + k) * N + n], [row * segments + k]
+  __host__ __device__ static int64_t floats(const P& p) {
+    if (p.segments <= 1) return 0;
+    const int64_t rows = p.batch * p.dim;
+    return round32(rows * p.segments * p.dstate) + round32(rows * p.segments);
+  }
+  __host__ __device__ static SegScratch at(const P& p, float* base) {
+    return {base, base + round32(p.batch * p.dim * p.segments * p.dstate)};
+  }
+};
+
+// Chunks [begin, end) of piece k when nch chunks are split into nseg pieces
+// (the launcher picks nseg so that no piece is empty).
+struct SegRange {
+  int64_t begin, end;
+};
+__device__ __forceinline__ SegRange seg_range(int64_t nch, int64_t nseg, int64_t k) {
+  const int64_t per = (nch + nseg - 1) / nseg, b = k * per;
+  return {b, b + per < nch ? b + per : nch};
+}
+
+// Layout of the workspace (floats) for the backward. The per-row sums are kept
+// per piece of a split length too, and added over batch and pieces in order.
 struct BwdWorkspace {
   float *gA, *gBc, *gCc, *gD, *gbias, *gBv, *gCv;
+  SegScratch seg;
   int64_t blocks_per_group;
   static constexpr int64_t kRowsPerBlock = kThreads / 4;  // S = 4 lanes a channel for every supported N
   __host__ __device__ static int64_t floats(const P& p, float** out = nullptr, float* base = nullptr) {
-    const int64_t rows = p.batch * p.dim, N = p.dstate, dpg = p.dim / p.groups;
+    const int64_t nseg = p.segments > 1 ? p.segments : 1;
+    const int64_t rows = p.batch * p.dim * nseg, N = p.dstate, dpg = p.dim / p.groups;
     const int64_t nblk = (dpg + kRowsPerBlock - 1) / kRowsPerBlock;
     const int64_t var = p.batch * p.groups * nblk * N * p.length;
-    const int64_t sizes[7] = {rows * N, p.is_variable_B ? 0 : rows * N, p.is_variable_C ? 0 : rows * N,
-                              rows, rows, p.is_variable_B ? var : 0, p.is_variable_C ? var : 0};
+    const int64_t sizes[8] = {rows * N, p.is_variable_B ? 0 : rows * N, p.is_variable_C ? 0 : rows * N,
+                              rows, rows, p.is_variable_B ? var : 0, p.is_variable_C ? var : 0,
+                              SegScratch::floats(p)};
     int64_t off = 0;
-    for (int i = 0; i < 7; ++i) {
+    for (int i = 0; i < 8; ++i) {
       if (out) out[i] = base + off;
-      off += (sizes[i] + 31) / 32 * 32;  // keep every part 128-byte aligned
+      off += round32(sizes[i]);
     }
     return off;
   }
   static BwdWorkspace make(const P& p) {
-    float* ptr[7];
+    float* ptr[8];
     floats(p, ptr, static_cast<float*>(p.workspace));
     const int64_t dpg = p.dim / p.groups, R = kRowsPerBlock;
-    return {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], (dpg + R - 1) / R};
+    return {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], SegScratch::at(p, ptr[7]), (dpg + R - 1) / R};
   }
 };
 
@@ -129,6 +162,8 @@ struct Shape {
   // states a warp) hit 32 distinct banks and the vector stores stay aligned.
   static constexpr int kRedPitch = kRows / 2 * kNP + 4;
   static size_t fwd_smem() { return sizeof(float) * (4 * kTileFloats + 2 * kChunk * kNP + 2 * kRows); }
+  static size_t fwd_seg_smem() { return sizeof(float) * (2 * kTileFloats + kChunk * kNP + kRows); }
+  static size_t bwd_seg_smem() { return sizeof(float) * (2 * kTileFloats + kChunk * kNP + kRows); }
   static size_t bwd_smem() {
     return sizeof(float) * (4 * kTileFloats + 2 * kChunk * kNP + 2 * kSub * kRedPitch + kChunk / kSub * kRows * kNP);
   }
@@ -278,7 +313,8 @@ __global__ void __launch_bounds__(kThreads, 3) fwd_kernel(P p) {  // 3 blocks an
 
   const Place q = place<R>(p);
   const int N = int(p.dstate), tid = threadIdx.x, r = tid / S, s = tid % S;
-  const int64_t L = p.length, nch = (L + kChunk - 1) / kChunk;
+  const int64_t L = p.length, nch = (L + kChunk - 1) / kChunk, nseg = p.segments, piece = blockIdx.y;
+  const SegRange cr = seg_range(nch, nseg, piece);  // all chunks unless the length is split
   const bool row_ok = r < q.rows;
   const int64_t d = q.d0 + (row_ok ? r : 0), row = q.b * p.dim + d;
   if (tid < R) {
@@ -297,6 +333,15 @@ __global__ void __launch_bounds__(kThreads, 3) fwd_kernel(P p) {  // 3 blocks an
     Cc[i] = ok && !p.is_variable_C ? static_cast<const float*>(p.C)[d * N + n] : 0.0f;
     h[i] = ok && p.h0 ? p.h0[row * N + n] : 0.0f;
   }
+  if (piece > 0 && row_ok) {  // the true start state: the pieces before this one, in order
+    const SegScratch sc = SegScratch::at(p, static_cast<float*>(p.workspace));
+    for (int64_t j = 0; j < piece; ++j) {
+      const float ds = sc.dsum[row * nseg + j];
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+        if (s * NT + i < N) h[i] = fmaf(ex2(A2[i] * ds), h[i], sc.h[(row * nseg + j) * N + s * NT + i]);
+    }
+  }
   const T* Bv = p.is_variable_B ? bc_base<T>(p.B, p.B_stride, q) : nullptr;
   const T* Cv = p.is_variable_C ? bc_base<T>(p.C, p.C_stride, q) : nullptr;
   const BcView<NT, NP> vB(sB, Bv, Bc, r, s), vC(sC, Cv, Cc, r, s);  // read back by the writing lane only
@@ -314,10 +359,10 @@ __global__ void __launch_bounds__(kThreads, 3) fwd_kernel(P p) {  // 3 blocks an
     if (Bv) load_bc<T, NP>(pb, Bv, p.B_stride[2], N, t0, len);
     if (Cv) load_bc<T, NP>(pc, Cv, p.C_stride[2], N, t0, len);
   };
-  prefetch(0);
+  prefetch(cr.begin);
   __syncthreads();  // sBias, sD
 
-  for (int64_t c = 0; c <= nch; ++c) {
+  for (int64_t c = cr.begin; c <= cr.end; ++c) {
     // One sweep over the tile: gate and store chunk c-1, stage chunk c.
     // Every (row, step) element is read and rewritten by the same thread.
     const int64_t tp = (c - 1) * kChunk, tc = c * kChunk;
@@ -325,9 +370,9 @@ __global__ void __launch_bounds__(kThreads, 3) fwd_kernel(P p) {  // 3 blocks an
 #pragma unroll
     for (int j = 0; j < KP; ++j) {
       const int rr = TI::row(j), t = TI::step(j);
-      if (c > 0 && rr < q.rows && t < lenp)
+      if (c > cr.begin && rr < q.rows && t < lenp)
         Dev<T>::st(out + rr * p.out_stride[1] + tp + t, sY[rr][t] * sG[rr][t]);
-      if (c < nch) {
+      if (c < cr.end) {
         // Past the end or the block's rows: Δ = 0, the identity step.
         const float u = to_float_as<T>(pu[j]), zz = p.z ? to_float_as<T>(pz[j]) : 0.0f;
         float dt = to_float_as<T>(pd[j]) + sBias[rr];
@@ -339,11 +384,11 @@ __global__ void __launch_bounds__(kThreads, 3) fwd_kernel(P p) {  // 3 blocks an
         sG[rr][t] = p.z ? zz * sigmoid(zz) : 1.0f;
       }
     }
-    if (c == nch) break;
+    if (c == cr.end) break;
     if (Bv) store_bc<T, NP>(sB, pb);
     if (Cv) store_bc<T, NP>(sC, pc);
     __syncthreads();
-    if (c + 1 < nch) prefetch(c + 1);
+    if (c + 1 < cr.end) prefetch(c + 1);
 
     // The recurrence, 8 steps at a time: all shared loads of a group first,
     // then the exponentials and the one-FMA state updates, then y.
@@ -377,10 +422,100 @@ __global__ void __launch_bounds__(kThreads, 3) fwd_kernel(P p) {  // 3 blocks an
     }
     __syncthreads();
   }
-  if (p.last_state && row_ok) {
+  if (p.last_state && row_ok && piece == nseg - 1) {
 #pragma unroll
     for (int i = 0; i < NT; ++i)
       if (s * NT + i < N) p.last_state[row * N + s * NT + i] = h[i];
+  }
+}
+
+// First pass of a split forward: every piece but the last scanned from the
+// zero state, keeping only its end state and the sum of its Δ (no C, y, gate
+// or output: about half the forward's work an element). Same block layout as
+// fwd_kernel; blockIdx.y is the piece.
+template <typename T, int NT, int S>
+__global__ void __launch_bounds__(kThreads, 3) fwd_seg_kernel(P p) {
+  static_assert(S == 4, "the block layout assumes 4 lanes a channel");
+  static_assert(NT % 4 == 0, "16-byte shared-memory accesses");
+  using Sh = Shape<NT, S>;
+  using TI = TileIdx<Sh::kRows>;
+  constexpr int R = Sh::kRows, NP = Sh::kNP, KP = TI::kPer, KBC = NP * kChunk / kThreads;
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  float(*sDt)[kPad] = reinterpret_cast<float(*)[kPad]>(smem);
+  float(*sDu)[kPad] = reinterpret_cast<float(*)[kPad]>(smem + Sh::kTileFloats);
+  float* sB = smem + 2 * Sh::kTileFloats;
+  float* sBias = sB + kChunk * NP;  // [R]
+
+  const Place q = place<R>(p);
+  const int N = int(p.dstate), tid = threadIdx.x, r = tid / S, s = tid % S;
+  const int64_t L = p.length, nch = (L + kChunk - 1) / kChunk, nseg = p.segments, piece = blockIdx.y;
+  const SegRange cr = seg_range(nch, nseg, piece);
+  const bool row_ok = r < q.rows;
+  const int64_t d = q.d0 + (row_ok ? r : 0), row = q.b * p.dim + d;
+  if (tid < R) sBias[tid] = tid < q.rows && p.delta_bias ? p.delta_bias[q.d0 + tid] : 0.0f;
+
+  float A2[NT], Bc[NT], h[NT];
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    const int n = s * NT + i;
+    const bool ok = row_ok && n < N;
+    A2[i] = ok ? p.A[d * N + n] * kLog2e : 0.0f;
+    Bc[i] = ok && !p.is_variable_B ? static_cast<const float*>(p.B)[d * N + n] : 0.0f;
+    h[i] = 0.0f;
+  }
+  const T* Bv = p.is_variable_B ? bc_base<T>(p.B, p.B_stride, q) : nullptr;
+  const BcView<NT, NP> vB(sB, Bv, Bc, r, s);
+
+  using RT = typename Raw<T>::type;
+  RT pu[KP], pd[KP], pb[KBC];
+  auto prefetch = [&](int64_t c) {
+    const int64_t t0 = c * kChunk;
+    const int len = int(L - t0 < kChunk ? L - t0 : kChunk);
+    load_tile<T, R>(pu, p.u, p.u_stride, q, t0, len);
+    load_tile<T, R>(pd, p.delta, p.delta_stride, q, t0, len);
+    if (Bv) load_bc<T, NP>(pb, Bv, p.B_stride[2], N, t0, len);
+  };
+  prefetch(cr.begin);
+  __syncthreads();  // sBias
+
+  float dsum = 0.0f;  // every lane of a row adds the same Δs
+  for (int64_t c = cr.begin; c < cr.end; ++c) {
+    const int len = int(L - c * kChunk < kChunk ? L - c * kChunk : kChunk);
+#pragma unroll
+    for (int j = 0; j < KP; ++j) {
+      const int rr = TI::row(j), t = TI::step(j);
+      float dt = to_float_as<T>(pd[j]) + sBias[rr];
+      if (p.delta_softplus) dt = softplus(dt);
+      if (rr >= q.rows || t >= len) dt = 0.0f;  // the identity step
+      sDt[rr][t] = dt;
+      sDu[rr][t] = dt * to_float_as<T>(pu[j]);
+    }
+    if (Bv) store_bc<T, NP>(sB, pb);
+    __syncthreads();
+    if (c + 1 < cr.end) prefetch(c + 1);
+#pragma unroll 1
+    for (int g0 = 0; g0 < len; g0 += 8) {
+      float dt[8], du[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) dt[k] = sDt[r][g0 + k], du[k] = sDu[r][g0 + k];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        float b[NT];
+        vB.at(b, g0 + k);
+#pragma unroll
+        for (int i = 0; i < NT; ++i) h[i] = fmaf(ex2(dt[k] * A2[i]), h[i], du[k] * b[i]);
+        dsum += dt[k];
+      }
+    }
+    __syncthreads();
+  }
+  if (row_ok) {
+    const SegScratch sc = SegScratch::at(p, static_cast<float*>(p.workspace));
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+      if (s * NT + i < N) sc.h[(row * nseg + piece) * N + s * NT + i] = h[i];
+    if (s == 0) sc.dsum[row * nseg + piece] = dsum;
   }
 }
 
@@ -465,7 +600,8 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<NT>()) bwd_kernel(P p
 
   const Place q = place<R>(p);
   const int N = int(p.dstate), tid = threadIdx.x, r = tid / S, s = tid % S;
-  const int64_t L = p.length, nch = (L + kChunk - 1) / kChunk;
+  const int64_t L = p.length, nch = (L + kChunk - 1) / kChunk, nseg = p.segments, piece = blockIdx.y;
+  const SegRange cr = seg_range(nch, nseg, piece);  // all chunks unless the length is split
   const bool row_ok = r < q.rows, odd = r & 1, zgrad = p.z && p.grad_z;
   const int64_t d = q.d0 + (row_ok ? r : 0), row = q.b * p.dim + d;
   const float Dd = row_ok && p.D ? p.D[d] : 0.0f;
@@ -483,13 +619,21 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<NT>()) bwd_kernel(P p
     carry[i] = ok && p.grad_last_state ? p.grad_last_state[row * N + n] : 0.0f;
     gA[i] = gBc[i] = gCc[i] = 0.0f;
   }
+  if (piece < nseg - 1 && row_ok) {  // the true carry into this piece: the pieces after it, last first
+    for (int64_t j = nseg - 1; j > piece; --j) {
+      const float ds = ws.seg.dsum[row * nseg + j];
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+        if (s * NT + i < N) carry[i] = fmaf(ex2(A2[i] * ds), carry[i], ws.seg.h[(row * nseg + j) * N + s * NT + i]);
+    }
+  }
   float gD = 0.0f, gbias = 0.0f;  // this lane's steps; summed over the 4 lanes at the end
   const T* Bv = p.is_variable_B ? bc_base<T>(p.B, p.B_stride, q) : nullptr;
   const T* Cv = p.is_variable_C ? bc_base<T>(p.C, p.C_stride, q) : nullptr;
   const bool vB = kVarBC || Bv != nullptr, vC = kVarBC || Cv != nullptr;
   const int64_t part = (q.b * p.groups + q.g) * ws.blocks_per_group + q.blk;  // this block's B/C partial
 
-  for (int64_t c = nch - 1; c >= 0; --c) {
+  for (int64_t c = cr.end - 1; c >= cr.begin; --c) {
     const int64_t t0 = c * kChunk;
     const int len = int(L - t0 < kChunk ? L - t0 : kChunk);
     // (1) stage the chunk in two halves (u, Δ, B, C; then grad_out, z), each
@@ -702,19 +846,106 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<NT>()) bwd_kernel(P p
   gD = group_sum<S>(gD);
   gbias = group_sum<S>(gbias);
   if (row_ok) {
+    const int64_t prow = piece * p.batch * p.dim + row;  // this piece's partial sums
 #pragma unroll
     for (int i = 0; i < NT; ++i) {
       const int n = s * NT + i;
       if (n >= N) continue;
-      if (p.grad_h0) p.grad_h0[row * N + n] = carry[i];
-      ws.gA[row * N + n] = gA[i];
-      if (!p.is_variable_B) ws.gBc[row * N + n] = gBc[i];
-      if (!p.is_variable_C) ws.gCc[row * N + n] = gCc[i];
+      if (p.grad_h0 && piece == 0) p.grad_h0[row * N + n] = carry[i];
+      ws.gA[prow * N + n] = gA[i];
+      if (!p.is_variable_B) ws.gBc[prow * N + n] = gBc[i];
+      if (!p.is_variable_C) ws.gCc[prow * N + n] = gCc[i];
     }
     if (s == 0) {
-      ws.gD[row] = gD;
-      ws.gbias[row] = gbias;
+      ws.gD[prow] = gD;
+      ws.gbias[prow] = gbias;
     }
+  }
+}
+
+// First pass of a split backward: every piece but the first runs the adjoint
+// g_t = gy_t C_t + exp(Δ_{t+1} A) g_{t+1} backwards from a zero carry, keeping
+// only the carry that leaves its first step and the sum of its Δ. No states
+// are recomputed (the carry does not depend on them): one exponential and two
+// FMA-pipe operations an element.
+template <typename T, int NT, int S>
+__global__ void __launch_bounds__(kThreads, 3) bwd_seg_kernel(P p, BwdWorkspace ws) {
+  static_assert(S == 4, "the block layout assumes 4 lanes a channel");
+  static_assert(NT % 4 == 0, "16-byte shared-memory accesses");
+  using Sh = Shape<NT, S>;
+  using TI = TileIdx<Sh::kRows>;
+  constexpr int R = Sh::kRows, NP = Sh::kNP, KP = TI::kPer, KBC = NP * kChunk / kThreads;
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  float(*sDt)[kPad] = reinterpret_cast<float(*)[kPad]>(smem);
+  float(*sGy)[kPad] = reinterpret_cast<float(*)[kPad]>(smem + Sh::kTileFloats);  // dL/dy before the gate
+  float* sC = smem + 2 * Sh::kTileFloats;
+  float* sBias = sC + kChunk * NP;  // [R]
+
+  const Place q = place<R>(p);
+  const int N = int(p.dstate), tid = threadIdx.x, r = tid / S, s = tid % S;
+  const int64_t L = p.length, nch = (L + kChunk - 1) / kChunk, nseg = p.segments, piece = blockIdx.y + 1;
+  const SegRange cr = seg_range(nch, nseg, piece);
+  const bool row_ok = r < q.rows;
+  const int64_t d = q.d0 + (row_ok ? r : 0), row = q.b * p.dim + d;
+  const int64_t gst[2] = {p.dim * p.length, p.length};  // grad_out is contiguous
+  if (tid < R) sBias[tid] = tid < q.rows && p.delta_bias ? p.delta_bias[q.d0 + tid] : 0.0f;
+
+  float A2[NT], Cc[NT], carry[NT];
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    const int n = s * NT + i;
+    const bool ok = row_ok && n < N;
+    A2[i] = ok ? p.A[d * N + n] * kLog2e : 0.0f;
+    Cc[i] = ok && !p.is_variable_C ? static_cast<const float*>(p.C)[d * N + n] : 0.0f;
+    carry[i] = 0.0f;
+  }
+  const T* Cv = p.is_variable_C ? bc_base<T>(p.C, p.C_stride, q) : nullptr;
+  const BcView<NT, NP> vC(sC, Cv, Cc, r, s);
+  __syncthreads();  // sBias
+
+  float dsum = 0.0f;  // every lane of a row adds the same Δs
+  for (int64_t c = cr.end - 1; c >= cr.begin; --c) {
+    const int64_t t0 = c * kChunk;
+    const int len = int(L - t0 < kChunk ? L - t0 : kChunk);
+    {
+      float pd[KP], pg[KP], pz[KP], pc[KBC];
+      load_tile<T, R>(pd, p.delta, p.delta_stride, q, t0, len);
+      load_tile<T, R>(pg, p.grad_out, gst, q, t0, len);
+      if (p.z) load_tile<T, R>(pz, p.z, p.z_stride, q, t0, len);
+      if (Cv) load_bc<T, NP>(pc, Cv, p.C_stride[2], N, t0, len);
+#pragma unroll
+      for (int j = 0; j < KP; ++j) {
+        const int rr = TI::row(j), t = TI::step(j);
+        const bool ok = rr < q.rows && t < len;
+        const float x = pd[j] + sBias[rr];
+        sDt[rr][t] = !ok ? 0.0f : p.delta_softplus ? softplus(x) : x;  // past the end: Δ = 0, the identity
+        sGy[rr][t] = p.z ? pg[j] * pz[j] * sigmoid(pz[j]) : pg[j];      // zero past the end (pg = 0)
+      }
+      if (Cv) store_bc<T, NP>(sC, pc);
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int g0 = (len - 1) / 8 * 8; g0 >= 0; g0 -= 8) {
+      float dt[8], gy[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) dt[k] = sDt[r][g0 + k], gy[k] = sGy[r][g0 + k];
+#pragma unroll
+      for (int k = 7; k >= 0; --k) {
+        float cc[NT];
+        vC.at(cc, g0 + k);
+#pragma unroll
+        for (int i = 0; i < NT; ++i) carry[i] = ex2(dt[k] * A2[i]) * fmaf(gy[k], cc[i], carry[i]);
+        dsum += dt[k];
+      }
+    }
+    __syncthreads();
+  }
+  if (row_ok) {
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+      if (s * NT + i < N) ws.seg.h[(row * nseg + piece) * N + s * NT + i] = carry[i];
+    if (s == 0) ws.seg.dsum[row * nseg + piece] = dsum;
   }
 }
 
@@ -744,13 +975,23 @@ inline unsigned grid_size(const P& p, int rows_per_block) {
   return unsigned(n);
 }
 
+// p.segments is resolved (>= 1) by the entry points; blockIdx.y is the piece.
 template <typename T, int NT, int S>
 void run_fwd(const P& p) {
   using Sh = Shape<NT, S>;
+  const unsigned blocks = grid_size(p, Sh::kRows);
+  auto stream = reinterpret_cast<cudaStream_t>(p.stream);
+  if (p.segments > 1) {
+    static bool done_seg[64] = {};
+    auto k1 = fwd_seg_kernel<T, NT, S>;
+    set_smem(k1, Sh::fwd_seg_smem(), done_seg);
+    k1<<<dim3(blocks, unsigned(p.segments - 1)), kThreads, Sh::fwd_seg_smem(), stream>>>(p);
+    cuda_check(cudaGetLastError(), "selective_scan forward, first pass of the split length");
+  }
   static bool done[64] = {};
   auto k = fwd_kernel<T, NT, S>;
   set_smem(k, Sh::fwd_smem(), done);
-  k<<<grid_size(p, Sh::kRows), kThreads, Sh::fwd_smem(), reinterpret_cast<cudaStream_t>(p.stream)>>>(p);
+  k<<<dim3(blocks, unsigned(p.segments)), kThreads, Sh::fwd_smem(), stream>>>(p);
   cuda_check(cudaGetLastError(), "selective_scan forward kernel");
 }
 
@@ -760,12 +1001,22 @@ void run_bwd_as(const P& p, const BwdWorkspace& ws) {
   static bool done[64] = {};  // per instantiation: each kernel needs its own shared-memory attribute
   auto k = bwd_kernel<T, NT, S, kVarBC>;
   set_smem(k, Sh::bwd_smem(), done);
-  k<<<grid_size(p, Sh::kRows), kThreads, Sh::bwd_smem(), reinterpret_cast<cudaStream_t>(p.stream)>>>(p, ws);
+  k<<<dim3(grid_size(p, Sh::kRows), unsigned(p.segments)), kThreads, Sh::bwd_smem(),
+      reinterpret_cast<cudaStream_t>(p.stream)>>>(p, ws);
   cuda_check(cudaGetLastError(), "selective_scan backward kernel");
 }
 
 template <typename T, int NT, int S>
 void run_bwd(const P& p, const BwdWorkspace& ws) {
+  if (p.segments > 1) {
+    using Sh = Shape<NT, S>;
+    static bool done_seg[64] = {};
+    auto k1 = bwd_seg_kernel<T, NT, S>;
+    set_smem(k1, Sh::bwd_seg_smem(), done_seg);
+    k1<<<dim3(grid_size(p, Sh::kRows), unsigned(p.segments - 1)), kThreads, Sh::bwd_seg_smem(),
+         reinterpret_cast<cudaStream_t>(p.stream)>>>(p, ws);
+    cuda_check(cudaGetLastError(), "selective_scan backward, first pass of the split length");
+  }
   if (p.is_variable_B && p.is_variable_C) run_bwd_as<T, NT, S, true>(p, ws);
   else run_bwd_as<T, NT, S, false>(p, ws);
 }

@@ -56,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--baseline-max-len", type=int, default=2048, help="longest L for the PyTorch baselines")
     p.add_argument("--compile-max-len", type=int, default=2048, help="longest L for torch.compile (0: skip)")
     p.add_argument("--ref-len", type=int, default=2048, help="L for the sequential reference loop (0: skip)")
+    p.add_argument("--segments", type=int, default=0,
+                   help="force the kernels' length split to this many pieces (0: their own choice; bench_split.py times it)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     return p.parse_args()
 
@@ -475,8 +477,9 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.check:
-        res = check(args)
-        path = args.out / "gpu_check.json"
+        with ssm.cuda_length_segments(args.segments):
+            res = check(args)
+        path = args.out / ("gpu_check.json" if not args.segments else f"gpu_check_segments{args.segments}.json")
         path.write_text(json.dumps({**info, "command": " ".join(sys.argv), **res}, indent=2))
         print(f"{res['failures']} failures; wrote {path}")
         raise SystemExit(1 if res["failures"] else 0)

@@ -40,6 +40,17 @@
 //   grad_D, grad_delta_bias (dim,) float32 (written only when D / delta_bias given)
 //   grad_h0                 (batch, dim, N) float32 (written only when h0 given)
 //   workspace               scratch of selective_scan_bwd_workspace_bytes(params) bytes
+// Forward, CUDA: workspace    scratch of selective_scan_fwd_workspace_bytes(params)
+//                             bytes (0 when the length is not split; null is fine then)
+//
+// segments: how many pieces the CUDA kernels split the length into (0: chosen
+// from the batch, channels and the GPU's SM count; a positive value forces at
+// most that many, for tests and benchmarks). A split scan runs each piece in its
+// own thread block: a first pass computes each piece's local end state (forward)
+// or adjoint carry (backward) from zero, a short sequential combine turns them
+// into true start values (a piece's decay is exp(A * sum of its Delta)), and the
+// main pass runs every piece in parallel. It fills the GPU when batch * dim is
+// small (long sequences at a fixed number of tokens a step). The CPU ignores it.
 // grad_delta is the gradient with respect to the `delta` argument (before bias
 // and softplus). All reductions are deterministic: no floating-point atomics.
 #pragma once
@@ -53,6 +64,7 @@ namespace ssmlab {
 struct SelectiveScanParams {
   int64_t batch = 0, dim = 0, length = 0, dstate = 0, groups = 1;
   int64_t chunk_len = 0;
+  int64_t segments = 0;  // CUDA: length split (0 = automatic); see above
   DType dtype = DType::kFloat32;
   bool is_variable_B = false, is_variable_C = false, delta_softplus = false;
 
@@ -92,11 +104,14 @@ void selective_scan_fwd_cpu(const SelectiveScanParams& p);
 void selective_scan_bwd_cpu(const SelectiveScanParams& p);
 int64_t selective_scan_chunk_len_cpu();
 size_t selective_scan_bwd_workspace_bytes_cpu(const SelectiveScanParams& p);
+size_t selective_scan_fwd_workspace_bytes_cpu(const SelectiveScanParams& p);
 #ifdef SSMLAB_WITH_CUDA
 void selective_scan_fwd_cuda(const SelectiveScanParams& p);
 void selective_scan_bwd_cuda(const SelectiveScanParams& p);
 int64_t selective_scan_chunk_len_cuda();
 size_t selective_scan_bwd_workspace_bytes_cuda(const SelectiveScanParams& p);
+size_t selective_scan_fwd_workspace_bytes_cuda(const SelectiveScanParams& p);
+int64_t selective_scan_segments_cuda(const SelectiveScanParams& p);
 #endif
 
 }  // namespace ssmlab

@@ -154,6 +154,72 @@ def test_matches_float64_reference(device, backend, case):
 
 
 # ---------------------------------------------------------------------------
+# The CUDA kernels' length split (cuda_length_segments): the same scan
+# ---------------------------------------------------------------------------
+
+# Lengths that leave partial chunks and pieces of unequal size; every layout,
+# the initial state and the last state's gradient (the split's combine and the
+# backward's carry both pass through them).
+SPLIT_CASES = [
+    Case(1000, 16, "var", torch.float32, batch=2, dim=40),
+    Case(777, 16, "var", torch.bfloat16, batch=1, dim=33),
+    Case(640, 4, "inv/var", torch.float32, batch=2, dim=8),
+    Case(513, 40, "grp", torch.float16, batch=2, dim=8, groups=2),
+    Case(900, 16, "var", torch.float32, z=False, D=False, softplus=False, bias=False, h0=False, batch=1, dim=64),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("segments", [2, 3, 5, 64])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
+def test_cuda_length_split_matches_float64_reference(case, segments):
+    if not ss.has_native(torch.device("cuda")):
+        pytest.skip("native selective scan for cuda not built")
+    x = make_inputs(case, SEED)
+    xs = cast(x, case.dtype, "cuda")
+    gout, glast = x["grad_out"].to("cuda"), x["grad_last"].to("cuda")
+    with ss.cuda_length_segments(segments):
+        p = ss.cuda_segments_for(case.batch, case.dim, case.L, case.N, case.groups if "grp" in case.layout else 1)
+        got = run(ss.selective_scan, xs, case.softplus, gout, glast, backend="cuda")
+    n_chunks = -(-case.L // ss.chunk_len(torch.device("cuda")))
+    assert 1 < p <= min(segments, n_chunks), f"asked for {segments} pieces of {n_chunks} chunks, got {p}"
+    want = reference(case, SEED)
+    for name, a, b in zip(["out", "last_state"] + [f"grad {k}" for k in ARGS], got, want):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            factor = 2.0 if case.dtype in (torch.float16, torch.bfloat16) and name.startswith("grad") else 1.0
+            assert_close_rel(a, b, case.dtype, f"cuda split {segments} {case} {name} (seed {SEED})", factor=factor)
+
+
+@requires_cuda
+def test_cuda_length_split_is_deterministic():
+    if not ss.has_native(torch.device("cuda")):
+        pytest.skip("native selective scan for cuda not built")
+    case = SPLIT_CASES[0]
+    x = make_inputs(case, SEED)
+    xs = cast(x, case.dtype, "cuda")
+    with ss.cuda_length_segments(4):
+        a, b = (run(ss.selective_scan, xs, case.softplus, x["grad_out"].cuda(), x["grad_last"].cuda(), backend="cuda")
+                for _ in range(2))
+    for name, u, v in zip(["out", "last_state"] + [f"grad {k}" for k in ARGS], a, b):
+        if u is not None:
+            assert torch.equal(u, v), f"{name} differs between two identical split runs"
+
+
+def test_cuda_length_segments_validates_and_restores():
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        with ss.cuda_length_segments(-1):
+            pass
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        with ss.cuda_length_segments(2.0):
+            pass
+    before = ss._CUDA_SEGMENTS
+    with ss.cuda_length_segments(7):
+        assert ss._CUDA_SEGMENTS == 7
+    assert ss._CUDA_SEGMENTS == before
+
+
+# ---------------------------------------------------------------------------
 # Chunked prefill: the state carried across calls equals one call
 # ---------------------------------------------------------------------------
 
