@@ -91,8 +91,8 @@ class _TokensToChannels(torch.autograd.Function):
         with torch.autocast(hc.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 for g, Wi in zip(gs, Wc.split(ctx.sizes)):
-                    term = torch.bmm(g.mT, Wi.expand(Bsz, -1, -1))  # (B, L, K), contiguous
-                    gh = term if gh is None else gh.add_(term)
+                    # (B, L, K), contiguous; later pieces add in the product's epilogue, not in a separate pass
+                    gh = torch.bmm(g.mT, Wi.expand(Bsz, -1, -1)) if gh is None else gh.baddbmm_(g.mT, Wi.expand(Bsz, -1, -1))
                 gh = gh.to(h_dtype)
             if ctx.needs_input_grad[1]:
                 gW = torch.cat([_weight_grad(g, hc, W_dtype) for g in gs])

@@ -190,8 +190,40 @@ def profile_steps(step, device: torch.device, path: Path, title: str, steps: int
             torch.cuda.synchronize(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90)
-    atomic_write_text(f"===== {title}, {steps} steps\n{table}\n", path)
+    atomic_write_text(f"===== {title}, {steps} steps\n{table}\n\n{elementwise_by_caller(prof, device)}", path)
     print(f"profile -> {path}", flush=True)
+
+
+ELEMENTWISE = ("aten::copy_", "aten::add_", "aten::add", "aten::fill_", "aten::zero_", "aten::mul", "aten::sum")
+
+
+def elementwise_by_caller(prof, device: torch.device, depth: int = 3, rows: int = 30) -> str:
+    """Time of copies, adds, fills, products and sums grouped by the operators that called them.
+
+    The first table says how much time goes to `aten::copy_`; this one says *which* copy
+    (the chain of parent operators, autograd nodes included, e.g. ``aten::to <
+    _TokensToChannelsBackward``).
+    """
+    from collections import defaultdict
+
+    cuda = device.type == "cuda"
+    total, calls = defaultdict(float), defaultdict(int)
+    for e in prof.events():
+        if e.name not in ELEMENTWISE:
+            continue
+        chain, parent = [], e.cpu_parent
+        while parent is not None and len(chain) < depth:
+            chain.append(parent.name.replace("autograd::engine::evaluate_function: ", ""))
+            parent = parent.cpu_parent
+        key = " < ".join([e.name, *chain])
+        us = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)) if cuda else e.self_cpu_time_total
+        total[key] += us
+        calls[key] += 1
+    lines = [f"===== elementwise operators by caller ({'device' if cuda else 'CPU'} time, all profiled steps)",
+             f"{'ms':>9} {'calls':>6}  operator < callers"]
+    for key in sorted(total, key=total.get, reverse=True)[:rows]:
+        lines.append(f"{total[key] / 1e3:9.2f} {calls[key]:6d}  {key}")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- 2. generation
