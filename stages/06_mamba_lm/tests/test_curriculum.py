@@ -61,7 +61,7 @@ def test_arguments_the_curriculum_sets(script, tmp_path):
                               "--steps", "1200", "--tag", "c2", "--out", str(tmp_path)])
     assert same.train_len == 256 and same.steps == 1200 and same.tag == "c2"
     plain = script.parse_args(["--preset", "paper", "--out", str(tmp_path)])
-    assert plain.curriculum is None and plain.tag is None and plain.steps == 8000
+    assert plain.curriculum is None and plain.tag is None and plain.steps == 17000
 
 
 @pytest.mark.parametrize("argv, match", [
