@@ -429,6 +429,39 @@ __global__ void __launch_bounds__(kThreads, 3) fwd_kernel(P p) {  // 3 blocks an
   }
 }
 
+// A lane of a first-pass block: its channel row, its piece of the length, and
+// its states' A · log2 e and time-invariant B or C (zero for absent states).
+template <int NT, int S>
+struct SegLane {
+  int N, r, s;
+  bool row_ok;
+  int64_t d, row, nseg, piece;
+  SegRange cr;
+  float A2[NT], fixed[NT];
+  __device__ SegLane(const P& p, const Place& q, int64_t piece_, const void* X, bool variable)
+      : N(int(p.dstate)), r(threadIdx.x / S), s(threadIdx.x % S), nseg(p.segments), piece(piece_) {
+    cr = seg_range((p.length + kChunk - 1) / kChunk, nseg, piece);
+    row_ok = r < q.rows;
+    d = q.d0 + (row_ok ? r : 0);
+    row = q.b * p.dim + d;
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+      const int n = s * NT + i;
+      const bool ok = row_ok && n < N;
+      A2[i] = ok ? p.A[d * N + n] * kLog2e : 0.0f;
+      fixed[i] = ok && !variable ? static_cast<const float*>(X)[d * N + n] : 0.0f;
+    }
+  }
+  // The piece's local result (end state or carry) and its sum of Δ, for the main pass.
+  __device__ void store(const SegScratch& sc, const float (&v)[NT], float dsum) const {
+    if (!row_ok) return;
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+      if (s * NT + i < N) sc.h[(row * nseg + piece) * N + s * NT + i] = v[i];
+    if (s == 0) sc.dsum[row * nseg + piece] = dsum;
+  }
+};
+
 // First pass of a split forward: every piece but the last scanned from the
 // zero state, keeping only its end state and the sum of its Δ (no C, y, gate
 // or output: about half the forward's work an element). Same block layout as
@@ -448,24 +481,14 @@ __global__ void __launch_bounds__(kThreads, 3) fwd_seg_kernel(P p) {
   float* sBias = sB + kChunk * NP;  // [R]
 
   const Place q = place<R>(p);
-  const int N = int(p.dstate), tid = threadIdx.x, r = tid / S, s = tid % S;
-  const int64_t L = p.length, nch = (L + kChunk - 1) / kChunk, nseg = p.segments, piece = blockIdx.y;
-  const SegRange cr = seg_range(nch, nseg, piece);
-  const bool row_ok = r < q.rows;
-  const int64_t d = q.d0 + (row_ok ? r : 0), row = q.b * p.dim + d;
+  const SegLane<NT, S> ln(p, q, blockIdx.y, p.B, p.is_variable_B);
+  const int N = ln.N, tid = threadIdx.x, r = ln.r;
+  const int64_t L = p.length;
+  const SegRange cr = ln.cr;
   if (tid < R) sBias[tid] = tid < q.rows && p.delta_bias ? p.delta_bias[q.d0 + tid] : 0.0f;
-
-  float A2[NT], Bc[NT], h[NT];
-#pragma unroll
-  for (int i = 0; i < NT; ++i) {
-    const int n = s * NT + i;
-    const bool ok = row_ok && n < N;
-    A2[i] = ok ? p.A[d * N + n] * kLog2e : 0.0f;
-    Bc[i] = ok && !p.is_variable_B ? static_cast<const float*>(p.B)[d * N + n] : 0.0f;
-    h[i] = 0.0f;
-  }
+  float h[NT] = {};
   const T* Bv = p.is_variable_B ? bc_base<T>(p.B, p.B_stride, q) : nullptr;
-  const BcView<NT, NP> vB(sB, Bv, Bc, r, s);
+  const BcView<NT, NP> vB(sB, Bv, ln.fixed, r, ln.s);
 
   using RT = typename Raw<T>::type;
   RT pu[KP], pd[KP], pb[KBC];
@@ -504,19 +527,13 @@ __global__ void __launch_bounds__(kThreads, 3) fwd_seg_kernel(P p) {
         float b[NT];
         vB.at(b, g0 + k);
 #pragma unroll
-        for (int i = 0; i < NT; ++i) h[i] = fmaf(ex2(dt[k] * A2[i]), h[i], du[k] * b[i]);
+        for (int i = 0; i < NT; ++i) h[i] = fmaf(ex2(dt[k] * ln.A2[i]), h[i], du[k] * b[i]);
         dsum += dt[k];
       }
     }
     __syncthreads();
   }
-  if (row_ok) {
-    const SegScratch sc = SegScratch::at(p, static_cast<float*>(p.workspace));
-#pragma unroll
-    for (int i = 0; i < NT; ++i)
-      if (s * NT + i < N) sc.h[(row * nseg + piece) * N + s * NT + i] = h[i];
-    if (s == 0) sc.dsum[row * nseg + piece] = dsum;
-  }
+  ln.store(SegScratch::at(p, static_cast<float*>(p.workspace)), h, dsum);
 }
 
 // ---------------------------------------------------------------------------
@@ -883,25 +900,15 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_seg_kernel(P p, BwdWorkspace 
   float* sBias = sC + kChunk * NP;  // [R]
 
   const Place q = place<R>(p);
-  const int N = int(p.dstate), tid = threadIdx.x, r = tid / S, s = tid % S;
-  const int64_t L = p.length, nch = (L + kChunk - 1) / kChunk, nseg = p.segments, piece = blockIdx.y + 1;
-  const SegRange cr = seg_range(nch, nseg, piece);
-  const bool row_ok = r < q.rows;
-  const int64_t d = q.d0 + (row_ok ? r : 0), row = q.b * p.dim + d;
+  const SegLane<NT, S> ln(p, q, blockIdx.y + 1, p.C, p.is_variable_C);
+  const int N = ln.N, tid = threadIdx.x, r = ln.r;
+  const int64_t L = p.length;
+  const SegRange cr = ln.cr;
   const int64_t gst[2] = {p.dim * p.length, p.length};  // grad_out is contiguous
   if (tid < R) sBias[tid] = tid < q.rows && p.delta_bias ? p.delta_bias[q.d0 + tid] : 0.0f;
-
-  float A2[NT], Cc[NT], carry[NT];
-#pragma unroll
-  for (int i = 0; i < NT; ++i) {
-    const int n = s * NT + i;
-    const bool ok = row_ok && n < N;
-    A2[i] = ok ? p.A[d * N + n] * kLog2e : 0.0f;
-    Cc[i] = ok && !p.is_variable_C ? static_cast<const float*>(p.C)[d * N + n] : 0.0f;
-    carry[i] = 0.0f;
-  }
+  float carry[NT] = {};
   const T* Cv = p.is_variable_C ? bc_base<T>(p.C, p.C_stride, q) : nullptr;
-  const BcView<NT, NP> vC(sC, Cv, Cc, r, s);
+  const BcView<NT, NP> vC(sC, Cv, ln.fixed, r, ln.s);
   __syncthreads();  // sBias
 
   float dsum = 0.0f;  // every lane of a row adds the same Δs
@@ -935,18 +942,13 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_seg_kernel(P p, BwdWorkspace 
         float cc[NT];
         vC.at(cc, g0 + k);
 #pragma unroll
-        for (int i = 0; i < NT; ++i) carry[i] = ex2(dt[k] * A2[i]) * fmaf(gy[k], cc[i], carry[i]);
+        for (int i = 0; i < NT; ++i) carry[i] = ex2(dt[k] * ln.A2[i]) * fmaf(gy[k], cc[i], carry[i]);
         dsum += dt[k];
       }
     }
     __syncthreads();
   }
-  if (row_ok) {
-#pragma unroll
-    for (int i = 0; i < NT; ++i)
-      if (s * NT + i < N) ws.seg.h[(row * nseg + piece) * N + s * NT + i] = carry[i];
-    if (s == 0) ws.seg.dsum[row * nseg + piece] = dsum;
-  }
+  ln.store(ws.seg, carry, dsum);
 }
 
 inline void check_state_size(int64_t N) {
