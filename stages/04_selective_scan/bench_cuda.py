@@ -459,11 +459,13 @@ def main() -> None:
         raise SystemExit(f"needs a CUDA GPU and the CUDA selective scan in the native module: {native.describe()}")
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, capability=torch.cuda.get_device_capability())
     if args.sanitize:
-        for layout in ("var", "const"):
-            kw = make_inputs(2, 9, 70, 5, torch.float32, layout=layout, h0=True)
-            run_fwd_bwd(lambda **a: ssm.selective_scan(**a, backend="cuda"), kw, True, 1)
-            kw = make_inputs(1, 33, 130, 16, torch.bfloat16, layout=layout)
-            run_fwd_bwd(lambda **a: ssm.selective_scan(**a, backend="cuda"), kw, False, 2)
+        for segments in (1, 3):  # unsplit, then the length split's first-pass kernels and combine (2 and 3 pieces)
+            with ssm.cuda_length_segments(segments):
+                for layout in ("var", "const"):
+                    kw = make_inputs(2, 9, 70, 5, torch.float32, layout=layout, h0=True)
+                    run_fwd_bwd(lambda **a: ssm.selective_scan(**a, backend="cuda"), kw, True, 1)
+                    kw = make_inputs(1, 33, 130, 16, torch.bfloat16, layout=layout)
+                    run_fwd_bwd(lambda **a: ssm.selective_scan(**a, backend="cuda"), kw, False, 2)
         torch.cuda.synchronize()
         print("sanitize case done")
         return

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One full GPU check of stage 04 on a CUDA machine, every log under $OUT:
 #   build (sm_90) -> stage-04 pytest on the GPU -> bench_cuda.py --check (float64
-#   reference, determinism, poisoned outputs) -> compute-sanitizer memcheck and
-#   racecheck on small forward/backward cases -> linear-scan benchmark ->
-#   selective-scan benchmark.
+#   reference, determinism, poisoned outputs), unsplit and with the length split
+#   in 3 pieces -> compute-sanitizer memcheck and racecheck on small
+#   forward/backward cases (both) -> linear-scan benchmark -> selective-scan
+#   benchmark -> the length-split sweep (bench_split.py).
 #
 #   OUT=/tmp/out bash stages/04_selective_scan/gpu_check.sh [--quick] [--no-build] [--check-64bit]
 #
@@ -52,6 +53,7 @@ fi
 $PY -c "from ssmlab.core import native; print(native.describe())"
 
 step check check.log $PY stages/04_selective_scan/bench_cuda.py --check $BIG --out "$OUT"
+step check-split check_split.log $PY stages/04_selective_scan/bench_cuda.py --check --segments 3 --out "$OUT"
 step pytest pytest.log $PY -m pytest stages/04_selective_scan/tests -q -p no:cacheprovider
 for tool in memcheck racecheck; do
   step "sanitizer-$tool" "sanitizer_$tool.log" compute-sanitizer --tool $tool --error-exitcode 1 \
@@ -65,6 +67,7 @@ if [ $QUICK = 1 ]; then
 else
   step bench bench.log $PY stages/04_selective_scan/bench_cuda.py --out "$OUT"
 fi
+step bench-split bench_split.log $PY stages/04_selective_scan/bench_split.py --out "$OUT"
 tail -n 14 "$OUT/bench.log"
 echo "failed steps: $fails"
 exit $fails
