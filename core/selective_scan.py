@@ -394,9 +394,7 @@ def _fwd_op(
 
 def _fwd_workspace(u: Tensor, p) -> Optional[Tensor]:
     """Scratch of a forward whose length the kernel splits (None when it needs none)."""
-    kind = "cuda" if u.device.type == "cuda" else "cpu"
-    query = getattr(native.native_module(), f"selective_scan_fwd_workspace_bytes_{kind}", None)
-    nbytes = int(query(p)) if query is not None else 0
+    nbytes = int(_native_fn("fwd_workspace_bytes", u.device)(p))
     if nbytes == 0:
         return None
     workspace = u.new_empty((nbytes,), dtype=torch.uint8)

@@ -111,9 +111,11 @@ constexpr int64_t kMinChunksPerSegment = 4;  // 256 steps: keeps the first pass 
 // blocks 2 pieces are best (9.8 -> 7.6 ms; 4 pieces 7.7 ms). So: no split
 // from 60% of one wave up, else as many pieces as fill one wave.
 // p.segments > 0 forces (at most) that many. The count is trimmed so that no
-// piece is empty.
+// piece is empty; an empty or malformed shape (no chunks, no rows, groups not
+// dividing dim) gets 1, so every caller can ask.
 int64_t resolve_segments(const P& p) {
   const int64_t nch = (p.length + kChunk - 1) / kChunk;
+  if (nch <= 1 || p.batch <= 0 || p.dim <= 0 || p.groups <= 0 || p.dim % p.groups != 0) return 1;
   int64_t want = p.segments;
   if (want <= 0) {
     const int64_t blocks = grid_size(p, BwdWorkspace::kRowsPerBlock), slots = 3 * int64_t(sm_count());
@@ -171,18 +173,13 @@ int64_t selective_scan_chunk_len_cuda() { return ss::kChunk; }
 
 size_t selective_scan_bwd_workspace_bytes_cuda(const SelectiveScanParams& p) {
   if (p.groups <= 0 || p.dim % p.groups != 0) return 0;
-  if (p.batch == 0 || p.dim == 0 || p.length == 0) return size_t(ss::BwdWorkspace::floats(p)) * sizeof(float);
   return size_t(ss::BwdWorkspace::floats(ss::resolved(p))) * sizeof(float);
 }
 
 size_t selective_scan_fwd_workspace_bytes_cuda(const SelectiveScanParams& p) {
-  if (p.groups <= 0 || p.dim % p.groups != 0 || p.batch == 0 || p.dim == 0 || p.length == 0) return 0;
   return size_t(ss::SegScratch::floats(ss::resolved(p))) * sizeof(float);
 }
 
-int64_t selective_scan_segments_cuda(const SelectiveScanParams& p) {
-  if (p.groups <= 0 || p.dim % p.groups != 0 || p.batch == 0 || p.dim == 0 || p.length == 0) return 1;
-  return ss::resolve_segments(p);
-}
+int64_t selective_scan_segments_cuda(const SelectiveScanParams& p) { return ss::resolve_segments(p); }
 
 }  // namespace ssmlab
