@@ -134,6 +134,20 @@ def _backend_params():
                 yield pytest.param(device, be, c, id=f"{device}-{be}-{c}", marks=marks)
 
 
+OUTPUTS = ["out", "last_state"] + [f"grad {k}" for k in ARGS]
+
+
+def assert_matches_reference(got: list, case: Case, label: str) -> None:
+    """`run`'s outputs against the float64 reference of the same case and seed, output by output."""
+    for name, a, b in zip(OUTPUTS, got, reference(case, SEED)):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            # Gradients of reductions over L (A, D, delta_bias, time-invariant B/C) sum many
+            # rounded terms; allow a little more for them in low precision.
+            factor = 2.0 if case.dtype in (torch.float16, torch.bfloat16) and name.startswith("grad") else 1.0
+            assert_close_rel(a, b, case.dtype, f"{label} {case} {name} (seed {SEED})", factor=factor)
+
+
 @pytest.mark.parametrize("device,backend,case", list(_backend_params()))
 def test_matches_float64_reference(device, backend, case):
     if backend in ("cpu", "cuda") and not ss.has_native(torch.device(device)):
@@ -141,16 +155,9 @@ def test_matches_float64_reference(device, backend, case):
     x = make_inputs(case, SEED)
     xs = cast(x, case.dtype, device)
     got = run(ss.selective_scan, xs, case.softplus, x["grad_out"].to(device), x["grad_last"].to(device), backend=backend)
-    want = reference(case, SEED)
     assert got[0].dtype == case.dtype, "out must have the input dtype"
     assert got[1].dtype == (torch.float64 if case.dtype == torch.float64 else torch.float32), "last state is float32"
-    for name, a, b in zip(["out", "last_state"] + [f"grad {k}" for k in ARGS], got, want):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            # Gradients of reductions over L (A, D, delta_bias, time-invariant B/C) sum many
-            # rounded terms; allow a little more for them in low precision.
-            factor = 2.0 if case.dtype in (torch.float16, torch.bfloat16) and name.startswith("grad") else 1.0
-            assert_close_rel(a, b, case.dtype, f"{backend} {case} {name} (seed {SEED})", factor=factor)
+    assert_matches_reference(got, case, backend)
 
 
 # ---------------------------------------------------------------------------
@@ -183,12 +190,7 @@ def test_cuda_length_split_matches_float64_reference(case, segments):
         got = run(ss.selective_scan, xs, case.softplus, gout, glast, backend="cuda")
     n_chunks = -(-case.L // ss.chunk_len(torch.device("cuda")))
     assert 1 < p <= min(segments, n_chunks), f"asked for {segments} pieces of {n_chunks} chunks, got {p}"
-    want = reference(case, SEED)
-    for name, a, b in zip(["out", "last_state"] + [f"grad {k}" for k in ARGS], got, want):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            factor = 2.0 if case.dtype in (torch.float16, torch.bfloat16) and name.startswith("grad") else 1.0
-            assert_close_rel(a, b, case.dtype, f"cuda split {segments} {case} {name} (seed {SEED})", factor=factor)
+    assert_matches_reference(got, case, f"cuda split {segments}")
 
 
 @requires_cuda
@@ -201,7 +203,7 @@ def test_cuda_length_split_is_deterministic():
     with ss.cuda_length_segments(4):
         a, b = (run(ss.selective_scan, xs, case.softplus, x["grad_out"].cuda(), x["grad_last"].cuda(), backend="cuda")
                 for _ in range(2))
-    for name, u, v in zip(["out", "last_state"] + [f"grad {k}" for k in ARGS], a, b):
+    for name, u, v in zip(OUTPUTS, a, b):
         if u is not None:
             assert torch.equal(u, v), f"{name} differs between two identical split runs"
 
